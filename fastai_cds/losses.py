@@ -29,6 +29,8 @@ class SupConLoss(nn.Module):
         if z.ndim != 2 or z.shape[0] % 2:
             raise ValueError(f"SupConLoss: expected embeddings of shape (2N, dim), got {tuple(z.shape)}")
         n = z.shape[0]//2
+        z = z.as_subclass(Tensor)  # fastai's TensorImage/TensorCategory would dispatch every op
+        if labels is not None: labels = labels.as_subclass(Tensor)
         if n < 2: raise ValueError(f"SupConLoss: needs at least 2 images (4 views), got {n}")
         ids = torch.arange(n, device=z.device) if labels is None else labels.reshape(-1)
         if len(ids) != n: raise ValueError(f"SupConLoss: {len(ids)} labels for {n} images")

@@ -1,0 +1,7 @@
+from .losses import *
+from .stages import *
+from .heads import *
+from .views import *
+from .export import *
+from .callback import *
+from .data import *
