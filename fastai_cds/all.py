@@ -4,4 +4,5 @@ from .heads import *
 from .views import *
 from .export import *
 from .callback import *
+from .semi import *
 from .data import *

@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 import torch, torch.nn as nn
 from torch import Tensor
+from fastai.data.core import TfmdDL
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastai.callback.core import Callback
@@ -17,6 +18,7 @@ from .stages import StageInfo, find_stages
 from .heads import ProjectionHead
 from .views import simclr_tfms, two_view_dl
 from .export import DeepSupervisionModel, attach_heads
+from .semi import UnlabelledViews, contrastive_ids
 
 # %% auto #0
 __all__ = ['DeepSupervisionCallback', 'LossTerms', 'CDSCallback']
@@ -48,7 +50,7 @@ class DeepSupervisionCallback(Callback):
         b = self.dls.train.one_batch()
         p = next(m.parameters(), None)
         x = b[0][:2].to(p.device if p is not None else b[0].device)
-        self.n_channels, self.has_labels = x.shape[1], len(b) > self.dls.n_inp
+        self.item_shape, self.has_labels = tuple(x.shape[1:]), len(b) > self.dls.n_inp
         self.stages, self.final = find_stages(m, x, self.layers, self.scheme, self.max_stages)
         heads = self.make_heads(self.stages, self.final).to(x.device)
         self.ds = attach_heads(self.learn, heads, [s.name for s in self.stages])
@@ -115,6 +117,7 @@ class CDSCallback(DeepSupervisionCallback):
         supervised:bool=True, # SupCon with the batch labels; False: SimCLR (each image its own class)
         ce_views:int=1, # the learner's loss on view 1 only (reference code), or on both views (2)
         view2_tfms:list|None=None, # batch transforms of view 2 (default: `simclr_tfms`)
+        unlabelled:TfmdDL|None=None, # semi-supervised: a DataLoader of unlabelled images (its labels are ignored)
         head:str='sepconv', # 'sepconv' (reference heads) or 'mlp'
         head_dim:int=128, # embedding size of 'mlp' heads
         **kwargs, # layers, scheme, max_stages, verbose: see `DeepSupervisionCallback`
@@ -123,7 +126,7 @@ class CDSCallback(DeepSupervisionCallback):
         if ce_views not in (1, 2): raise ValueError(f"CDSCallback: ce_views must be 1 or 2, got {ce_views}")
         if head not in ('sepconv', 'mlp'): raise ValueError(f"CDSCallback: head must be 'sepconv' or 'mlp', got {head!r}")
         super().__init__(**kwargs)
-        store_attr('weight,supervised,ce_views,view2_tfms,head,head_dim')
+        store_attr('weight,supervised,ce_views,view2_tfms,unlabelled,head,head_dim')
         self.contrastive = SupConLoss(temperature, base_temperature)
         self._n, self._warned = None, False
 
@@ -138,7 +141,12 @@ class CDSCallback(DeepSupervisionCallback):
             raise ValueError("CDSCallback(supervised=True) uses the batch labels for SupCon, but these DataLoaders give none: pass supervised=False (SimCLR)")
         if self.ce_views == 2 and any(isinstance(cb, MixHandler) for cb in self.learn.cbs):
             raise ValueError("CDSCallback(ce_views=2) cannot be combined with MixUp/CutMix, which mix one view: use ce_views=1")
-        self._views = two_view_dl(self.dls.train, self.view2_tfms or simclr_tfms(n_channels=self.n_channels))
+        v2 = self.view2_tfms or simclr_tfms(n_channels=self.item_shape[0])
+        self._views = two_view_dl(self.dls.train, v2)
+        self._unlab = None
+        if self.unlabelled is not None:
+            self._unlab = UnlabelledViews(self.unlabelled, v2)
+            self._unlab.check(torch.empty(1, *self.item_shape))
 
     def before_train(self): self.learn.dl = self._views
 
@@ -151,13 +159,18 @@ class CDSCallback(DeepSupervisionCallback):
             self._warned = True
             self.learn.xb = (x[:n],)
             return
-        self._labels = self.y if self.supervised else None  # hard labels, before MixUp/CutMix
+        u = self._unlab.next() if self._unlab is not None else x[:0]
+        self._m = m = u.shape[0]//2
+        ids = contrastive_ids(self.y, m)  # hard labels, before MixUp/CutMix; unlabelled: own ids
+        self._labels = ids if self.supervised else None
         if self.ce_views == 2: self.learn.yb = (torch.cat([self.y, self.y]),)
-        else: self.learn.xb, self.ds.extra_input = (x[:n],), x[n:]
+        self.learn.xb, self.ds.extra_input = (x[:n],), torch.cat([u[:m], x[n:], u[m:]])
         self.ds.run_heads, self._n = True, n
 
     def after_pred(self):
-        if self._n is not None and self.ce_views == 1: self.learn.pred = self.pred[:self._n]
+        if self._n is None: return
+        n, m = self._n, self._m
+        self.learn.pred = self.pred[:n] if self.ce_views == 1 else torch.cat([self.pred[:n], self.pred[n+m:2*n+m]])
 
     def after_loss(self):
         if self._n is None: return

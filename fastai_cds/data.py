@@ -10,6 +10,7 @@ from fastai.data.transforms import ItemGetter, IndexSplitter, Normalize
 from fastai.vision.data import ImageBlock
 from fastai.vision.core import PILImage, PILImageBW
 from fastai.vision.augment import Resize, aug_transforms
+from .semi import split_labelled
 
 # %% auto #0
 __all__ = ['stratified_fraction', 'digits_items', 'digits_splits', 'digits_dls']
@@ -51,11 +52,12 @@ def digits_dls(
     seed:int=0, # fixes both splits
     bs:int=32, # batch size
     batch_tfms:list|None=None, # default: mild affine + lighting augmentation (no flip: digits), then Normalize
+    unlabelled:bool=False, # also return a DataLoader of the training items that lost their label
     **kwargs, # passed to `DataBlock.dataloaders` (device, num_workers, ...)
 ):
-    "DataLoaders of scikit-learn's digits: labelled training items and a validation set"
+    "DataLoaders of scikit-learn's digits (labelled training items, validation), and the unlabelled rest if asked"
     items, labels = digits_items(n_channels)
-    train, _, valid = digits_splits(labels, valid_pct, label_fraction, seed)
+    train, _, valid = digits_splits(labels, valid_pct, 1., seed)
     ims = np.stack([it[0] for it in items]).astype(np.float32)/255
     mean, std = [float(ims.mean())]*n_channels, [float(ims.std())]*n_channels
     if batch_tfms is None:
@@ -65,4 +67,9 @@ def digits_dls(
                        getters=[ItemGetter(0), ItemGetter(1)], splitter=IndexSplitter(list(range(len(train), len(train)+len(valid)))),
                        item_tfms=Resize(size), batch_tfms=batch_tfms)
     kwargs.setdefault('num_workers', 0)
-    return dblock.dataloaders([items[i] for i in train] + [items[i] for i in valid], bs=bs, **kwargs)
+    dls = dblock.dataloaders([items[i] for i in train] + [items[i] for i in valid], bs=bs, **kwargs)
+    if label_fraction == 1:
+        if unlabelled: raise ValueError("digits_dls(unlabelled=True) needs label_fraction < 1")
+        return dls
+    dls, udl = split_labelled(dls, label_fraction, seed+1)
+    return (dls, udl) if unlabelled else dls

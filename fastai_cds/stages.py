@@ -5,13 +5,14 @@
 # %% ../nbs/01_stages.ipynb #b15ee0f3
 from __future__ import annotations
 import math, re
+from contextlib import contextmanager
 from dataclasses import dataclass
 import torch, torch.nn as nn
 from torch import Tensor
 from fastai.callback.hook import Hooks
 
 # %% auto #0
-__all__ = ['StageInfo', 'find_stages', 'stage_hooks']
+__all__ = ['StageInfo', 'eval_mode', 'find_stages', 'stage_hooks']
 
 # %% ../nbs/01_stages.ipynb #19306647
 @dataclass
@@ -29,6 +30,15 @@ def _is_global_pool(m:nn.Module, out:Tensor)->bool:
     nm = type(m).__name__
     return bool(re.search(r'Pool[123]d$', nm)) and ('Adaptive' in nm or tuple(out.shape[-2:]) == (1,1))
 
+@contextmanager
+def eval_mode(model:nn.Module):
+    "Put every module of `model` in eval mode; restore each one's own mode on exit (a frozen BN stays frozen)"
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try: yield model
+    finally:
+        for m,t in modes: m.training = t
+
 def _probe(model:nn.Module, x:Tensor):
     "Run `model` once on `x`; record every module call in order"
     calls = []
@@ -36,11 +46,7 @@ def _probe(model:nn.Module, x:Tensor):
         calls.append(dict(m=m, i=id(i[0]) if len(i) else None, o=id(o), out=o if isinstance(o, Tensor) else None))
         return None
     mods = [m for _,m in model.named_modules()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), Hooks(mods, rec, detach=False): out = model(x)
-    finally: model.train(was_training)
+    with torch.no_grad(), eval_mode(model), Hooks(mods, rec, detach=False): out = model(x)
     names = {m:n for n,m in model.named_modules()}
     for k,c in enumerate(calls): c.update(seq=k, name=names[c['m']])
     return calls, out
@@ -94,10 +100,7 @@ def _timm_stages(model, x):
         mods = [model.get_submodule(n) for n in names]
         outs = {}
         def rec(m, i, o): outs[m] = o
-        was_training = model.training; model.eval()
-        try:
-            with torch.no_grad(), Hooks(mods, rec, detach=False): model(x)
-        finally: model.train(was_training)
+        with torch.no_grad(), eval_mode(model), Hooks(mods, rec, detach=False): model(x)
         return [_info(n, outs[m], x.shape[-2]) for n,m in zip(names, mods) if m in outs and outs[m].ndim == 4]
     return None
 

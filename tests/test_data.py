@@ -1,0 +1,163 @@
+"Tests of `fastai_cds.data`: scikit-learn's digits as DataLoaders, with stratified label fractions."
+import numpy as np
+import pytest
+
+from fastai_cds.data import digits_dls, digits_items, digits_splits, stratified_fraction
+
+N_DIGITS = 1797  # scikit-learn's digits
+
+
+@pytest.fixture(scope="module")
+def labels():
+    return digits_items()[1]
+
+
+def item_key(it):
+    "An item (uint8 image, label) as something hashable"
+    im, y = it
+    return (im.tobytes(), int(y))
+
+
+def item_labels(ds):
+    return np.array([int(y) for _, y in ds.items])
+
+
+# ---------------------------------------------------------------- items
+def test_digits_items(labels):
+    items, lab = digits_items()
+    assert len(items) == len(lab) == N_DIGITS
+    im, y = items[0]
+    assert im.dtype == np.uint8 and im.shape == (8, 8) and im.max() > 100  # 0..16 scaled to 0..255
+    assert y == lab[0]
+    im3 = digits_items(3)[0][0][0]
+    assert im3.shape == (8, 8, 3) and (im3 == im[..., None]).all()
+    with pytest.raises(ValueError):
+        digits_items(2)
+
+
+# ---------------------------------------------------------------- splits
+def test_splits_disjoint_and_cover(labels):
+    lab, unlab, valid = digits_splits(labels, valid_pct=0.2, label_fraction=0.3, seed=0)
+    sets = [set(lab.tolist()), set(unlab.tolist()), set(valid.tolist())]
+    assert sum(map(len, sets)) == N_DIGITS
+    assert set.union(*sets) == set(range(N_DIGITS))
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    # valid split is stratified too: ~20% of every class
+    for c in range(10):
+        n_c = (labels == c).sum()
+        assert abs((labels[valid] == c).sum() - round(0.2 * n_c)) <= 1
+
+
+def test_splits_deterministic_per_seed(labels):
+    a = digits_splits(labels, 0.2, 0.3, seed=0)
+    b = digits_splits(labels, 0.2, 0.3, seed=0)
+    c = digits_splits(labels, 0.2, 0.3, seed=1)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], c[0])
+    assert not np.array_equal(a[2], c[2])
+
+
+def test_valid_set_independent_of_label_fraction(labels):
+    vs = [digits_splits(labels, 0.2, f, seed=3)[2] for f in (0.05, 0.1, 0.5, 1.0)]
+    for v in vs[1:]:
+        np.testing.assert_array_equal(vs[0], v)
+    # and the labelled sets grow with the fraction, inside the same training pool
+    labs = [set(digits_splits(labels, 0.2, f, seed=3)[0].tolist()) for f in (0.1, 1.0)]
+    assert labs[0] < labs[1]
+    assert labs[1] == set(range(N_DIGITS)) - set(vs[0].tolist())
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3])
+def test_label_fraction_stratified(labels, fraction):
+    lab, unlab, valid = digits_splits(labels, 0.2, fraction, seed=0)
+    pool = np.concatenate([lab, unlab])
+    for c in range(10):
+        n_pool = (labels[pool] == c).sum()
+        n_lab = (labels[lab] == c).sum()
+        assert n_lab >= 1, f"class {c} lost"
+        assert abs(n_lab - round(fraction * n_pool)) <= 1, (c, n_lab, n_pool)
+
+
+def test_stratified_fraction_keeps_one_per_class():
+    labels = np.array([0] * 50 + [1] * 3 + [2] * 1)
+    keep, rest = stratified_fraction(labels, 0.05, seed=0)
+    assert sorted(set(labels[keep].tolist())) == [0, 1, 2]
+    assert (labels[keep] == 0).sum() == round(0.05 * 50)
+    assert len(keep) + len(rest) == len(labels) and not set(keep.tolist()) & set(rest.tolist())
+    keep, rest = stratified_fraction(labels, 1.0)
+    assert len(keep) == len(labels) and len(rest) == 0
+
+
+@pytest.mark.parametrize("fraction", [0, 0.0, -0.1, 1.5, float("nan")])
+def test_invalid_fraction_raises(labels, fraction):
+    with pytest.raises(ValueError, match="fraction"):
+        stratified_fraction(labels, fraction)
+    with pytest.raises(ValueError, match="fraction"):
+        digits_dls(device="cpu", size=8, label_fraction=fraction)
+
+
+# ---------------------------------------------------------------- DataLoaders
+@pytest.fixture(scope="module")
+def dls_10pct():
+    return digits_dls(device="cpu", size=16, label_fraction=0.1, bs=16, seed=0)
+
+
+def test_dls_label_fraction(labels, dls_10pct):
+    dls = dls_10pct
+    y_train = item_labels(dls.train_ds)
+    y_valid = item_labels(dls.valid_ds)
+    assert abs(len(y_valid) - 0.2 * N_DIGITS) <= 10
+    n_pool = N_DIGITS - len(y_valid)
+    assert abs(len(y_train) - 0.1 * n_pool) <= 10
+    lab, unlab, valid = digits_splits(labels, 0.2, 0.1, seed=0)
+    pool = np.concatenate([lab, unlab])
+    for c in range(10):
+        n_c = (labels[pool] == c).sum()
+        assert (y_train == c).sum() >= 1
+        assert abs((y_train == c).sum() - round(0.1 * n_c)) <= 1
+    # exactly the items of the split, train and valid
+    items = digits_items()[0]
+    assert sorted(map(item_key, dls.train_ds.items)) == sorted(item_key(items[i]) for i in lab)
+    assert sorted(map(item_key, dls.valid_ds.items)) == sorted(item_key(items[i]) for i in valid)
+
+
+def test_dls_valid_same_for_other_label_fraction(dls_10pct):
+    other = digits_dls(device="cpu", size=16, label_fraction=0.5, bs=16, seed=0)
+    assert [item_key(it) for it in other.valid_ds.items] == [item_key(it) for it in dls_10pct.valid_ds.items]
+    assert len(other.train_ds) > 4 * len(dls_10pct.train_ds)
+    # no valid item among the training items
+    valid = set(map(item_key, other.valid_ds.items))
+    assert not valid & set(map(item_key, other.train_ds.items))
+
+
+def test_dls_other_seed_other_split(dls_10pct):
+    other = digits_dls(device="cpu", size=16, label_fraction=0.1, bs=16, seed=1)
+    assert [item_key(it) for it in other.valid_ds.items] != [item_key(it) for it in dls_10pct.valid_ds.items]
+    same = digits_dls(device="cpu", size=16, label_fraction=0.1, bs=16, seed=0)
+    assert [item_key(it) for it in same.train_ds.items] == [item_key(it) for it in dls_10pct.train_ds.items]
+
+
+def test_dls_batch_shapes(dls_10pct):
+    x, y = dls_10pct.one_batch()
+    assert x.shape == (16, 1, 16, 16) and y.shape == (16,)
+    assert dls_10pct.c == 10 and list(dls_10pct.vocab) == list(range(10))
+    # normalised with the dataset's statistics: roughly zero-mean, unit-std
+    xv, _ = dls_10pct.valid.one_batch()
+    assert abs(float(xv.mean())) < 0.5 and 0.5 < float(xv.std()) < 1.5
+
+
+@pytest.mark.parametrize("size,n_channels", [(24, 3), (8, 1)])
+def test_dls_size_and_channels(size, n_channels):
+    dls = digits_dls(device="cpu", size=size, n_channels=n_channels, label_fraction=0.1, bs=8)
+    for dl in (dls.train, dls.valid):
+        x, y = dl.one_batch()
+        assert x.shape == (8, n_channels, size, size)
+    if n_channels == 3:  # the gray image repeated
+        x, _ = dls.valid.one_batch()
+        assert x.float().std(1).max() < 1e-5
+
+
+def test_dls_bad_channels():
+    with pytest.raises(ValueError, match="n_channels"):
+        digits_dls(device="cpu", size=8, n_channels=2)

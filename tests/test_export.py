@@ -1,0 +1,249 @@
+"""Tests of `fastai_cds.export`: `learn.export()` of a CDS learner gives a plain fastai Learner that loads and predicts
+the same in a process where fastai_cds cannot be imported; the in-memory learner keeps training with its heads."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+import zipfile
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+import fastai.callback.fp16  # noqa: F401  (patches Learner.to_fp16)
+from fastai.callback.mixup import MixUp
+from fastai.callback.progress import ProgressCallback
+from fastai.layers import ConvLayer, Flatten
+from fastai.learner import Learner
+from fastai.torch_core import set_seed
+from fastai.vision.learner import create_vision_model, vision_learner
+from torchvision.models import resnet18
+
+from fastai_cds.callback import CDSCallback, LossTerms
+from fastai_cds.data import digits_dls, digits_items, digits_splits
+from fastai_cds.export import DeepSupervisionModel, split_with_heads
+
+KINDS = ["cnn", "resnet18", "fp16", "mixup"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    "Tiny models on a 2-core machine: one intra-op thread is several times faster (no spinning threads)"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_cnn():
+    "A plain nn.Sequential of fastai/torch layers: picklable by reference, rebuilt identically for (2)"
+    return nn.Sequential(ConvLayer(1, 8, stride=2), ConvLayer(8, 16, stride=2), ConvLayer(16, 32, stride=2),
+                         nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(32, 10))
+
+
+def fresh_model(kind):
+    if kind == "resnet18":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return create_vision_model(resnet18, 10, pretrained=False, n_in=3)
+    return small_cnn()
+
+
+def cds():
+    return CDSCallback(verbose=False)
+
+
+def fit(learn, epochs=1):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fp16 on a CPU: autocast('cuda') / GradScaler disabled with a warning
+        with learn.no_bar():
+            learn.fit(epochs, 1e-3)
+
+
+def scan_pickle(fname):
+    "Every byte of the file and of every zip member (torch.save writes a zip of uncompressed records)"
+    raw = open(fname, "rb").read()
+    members = b""
+    with zipfile.ZipFile(fname) as z:
+        for n in z.namelist():
+            members += z.read(n)
+    return raw, members
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    sys.modules['fastai_cds'] = None  # before anything: fastai_cds cannot be imported in this process
+    import json, warnings
+    warnings.filterwarnings('ignore')
+    try:
+        import fastai_cds
+        blocked = False
+    except ImportError:
+        blocked = True
+    import torch
+    from fastai.learner import load_learner
+    d = sys.argv[1]
+    inputs = torch.load(f'{d}/inputs.pt', weights_only=False)
+    res = {'blocked': blocked}
+    out = {}
+    for kind in sys.argv[2:]:
+        learn = load_learner(f'{d}/{kind}.pkl')
+        m = learn.model.eval()
+        with torch.no_grad():
+            pred = m(inputs[kind]['x'])
+        dl = learn.dls.test_dl(inputs[kind]['items'])
+        preds, _ = learn.get_preds(dl=dl)
+        hooks = [n for n, mod in m.named_modules()
+                 if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks]
+        out[kind] = {'pred': pred, 'preds': preds}
+        res[kind] = {
+            'sd': [[k, list(v.shape)] for k, v in m.state_dict().items()],
+            'hooks': hooks,
+            'model_type': type(m).__module__ + '.' + type(m).__qualname__,
+            'modules': sorted({type(mod).__module__ for mod in m.modules()}),
+            'cbs': [type(cb).__module__ + '.' + type(cb).__qualname__ for cb in learn.cbs],
+            'attrs': sorted(k for k, v in vars(learn).items() if type(v).__module__.startswith('fastai_cds')),
+            'splitter': getattr(learn.splitter, '__module__', None) or type(learn.splitter).__module__,
+            'loss': type(learn.loss_func).__module__,
+        }
+    res['loaded_cds_modules'] = [k for k, v in sys.modules.items() if k.startswith('fastai_cds') and v is not None]
+    torch.save(out, f'{d}/out.pt')
+    json.dump(res, open(f'{d}/res.json', 'w'))
+""")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Train four CDS learners one short epoch, export them, load them in a fresh process without fastai_cds.
+
+    Returns the in-memory learners (and what they predicted right after training), the export files and what the
+    fresh process found."""
+    d = tmp_path_factory.mktemp("export")
+    dls1 = digits_dls(device="cpu", size=16, label_fraction=0.1, valid_pct=0.05, bs=16)
+    dls3 = digits_dls(device="cpu", size=32, n_channels=3, label_fraction=0.05, valid_pct=0.05, bs=16)
+    learners = {}
+    set_seed(0)
+    learners["cnn"] = Learner(dls1, small_cnn(), cbs=cds())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learners["resnet18"] = vision_learner(dls3, resnet18, pretrained=False, cbs=cds())
+    learners["fp16"] = Learner(dls1, small_cnn(), cbs=cds()).to_fp16()
+    learners["mixup"] = Learner(dls1, small_cnn(), cbs=[cds(), MixUp()])
+
+    items = {1: digits_items(1)[0], 3: digits_items(3)[0]}
+    valid = digits_splits(digits_items()[1], 0.05, 1., 0)[2][:10]
+    inputs, expected, before = {}, {}, {}
+    for kind, learn in learners.items():
+        fit(learn)
+        dls = learn.dls
+        nc = 3 if kind == "resnet18" else 1
+        x = dls.valid.one_batch()[0][:8].as_subclass(torch.Tensor).clone()
+        its = [items[nc][i] for i in valid]
+        plain = learn.model.model
+        plain.eval()
+        with torch.no_grad():
+            pred = plain(x)
+        with learn.no_bar():
+            preds = learn.get_preds(dl=dls.test_dl(its))[0]
+        inputs[kind] = {"x": x, "items": its}
+        expected[kind] = {"pred": pred, "preds": preds}
+        before[kind] = dict(opt=learn.opt, model=learn.model, plain=learn.model.model, heads=learn.model.heads,
+                            cbs=list(learn.cbs))
+        learn.export(d / f"{kind}.pkl")
+    torch.save(inputs, d / "inputs.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", CHILD, str(d), *KINDS], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.load(open(d / "res.json"))
+    out = torch.load(d / "out.pt", weights_only=False)
+    return dict(dir=d, learners=learners, before=before, expected=expected, res=res, out=out)
+
+
+def test_child_process_has_no_fastai_cds(exported):
+    assert exported["res"]["blocked"], "`import fastai_cds` should fail in the loading process"
+    assert exported["res"]["loaded_cds_modules"] == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loaded_predictions_match(exported, kind):
+    exp, got = exported["expected"][kind], exported["out"][kind]
+    assert got["pred"].shape == exp["pred"].shape == (8, 10)
+    torch.testing.assert_close(got["pred"], exp["pred"], atol=1e-5, rtol=0)
+    assert got["preds"].shape == exp["preds"].shape == (10, 10)
+    torch.testing.assert_close(got["preds"], exp["preds"], atol=1e-5, rtol=0)
+    # the model did learn something and the predictions are not all the same
+    assert exp["pred"].std(0).sum() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exported_learner_is_plain(exported, kind):
+    res = exported["res"][kind]
+    fresh = fresh_model(kind)
+    assert res["sd"] == [[k, list(v.shape)] for k, v in fresh.state_dict().items()]
+    assert res["model_type"] == "torch.nn.modules.container.Sequential"
+    assert not any(m.startswith("fastai_cds") for m in res["modules"])
+    assert res["hooks"] == []
+    assert not any(cb.startswith("fastai_cds") for cb in res["cbs"]), res["cbs"]
+    assert res["attrs"] == []
+    assert not res["splitter"].startswith("fastai_cds")
+    if kind == "mixup":
+        assert "fastai.callback.mixup.MixUp" in res["cbs"]
+    raw, members = scan_pickle(exported["dir"] / f"{kind}.pkl")
+    assert b"fastai_cds" not in raw
+    assert b"fastai_cds" not in members
+    assert b"DeepSupervision" not in members and b"split_with_heads" not in members
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_in_memory_learner_intact_after_export(exported, kind):
+    learn, before = exported["learners"][kind], exported["before"][kind]
+    assert isinstance(learn.model, DeepSupervisionModel)
+    assert learn.model is before["model"] and learn.model.model is before["plain"] and learn.model.heads is before["heads"]
+    assert learn.opt is before["opt"]
+    assert set(map(id, learn.cbs)) == set(map(id, before["cbs"]))
+    assert isinstance(learn.cds, CDSCallback) and learn.cds.ds is learn.model
+    assert any(isinstance(cb, CDSCallback) for cb in learn.cbs)
+    assert any(isinstance(cb, LossTerms) for cb in learn.cbs)
+    assert isinstance(learn.splitter, partial) and learn.splitter.func is split_with_heads
+    assert not [n for n, m in learn.model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    opt_ids = {id(p) for pg in learn.opt.param_groups for p in pg["params"]}
+    head_params = list(learn.model.heads.parameters())
+    assert head_params and all(id(p) in opt_ids for p in head_params)
+    # the optimizer (and its state) is the one from before the export
+    assert any(learn.opt.state[p] for p in head_params), "Adam state of the heads kept"
+
+
+def test_in_memory_learner_keeps_training(exported):
+    learn = exported["learners"]["cnn"]
+    heads0 = {k: v.clone() for k, v in learn.model.heads.state_dict().items()}
+    body0 = {k: v.clone() for k, v in learn.model.model.state_dict().items()}
+    n_hist = len(learn.loss_terms.history["contra_0"])
+    fit(learn)
+    assert isinstance(learn.model, DeepSupervisionModel)
+    changed = [k for k, v in learn.model.heads.state_dict().items() if not torch.equal(v, heads0[k])]
+    assert any(k.endswith("weight") for k in changed), "the heads did not train after the export"
+    assert any(not torch.equal(v, body0[k]) for k, v in learn.model.model.state_dict().items())
+    assert len(learn.loss_terms.history["contra_0"]) > n_hist, "contrastive terms still computed"
+    # and it exports again, as plainly
+    f = exported["dir"] / "again.pkl"
+    learn.export(f)
+    raw, members = scan_pickle(f)
+    assert b"fastai_cds" not in raw and b"fastai_cds" not in members
+    assert isinstance(learn.model, DeepSupervisionModel)
+
+
+def test_export_before_training(tmp_path):
+    "Right after Learner creation (heads attached, no optimizer yet) the export is plain too"
+    learn = Learner(digits_dls(device="cpu", size=16, label_fraction=0.05, valid_pct=0.05, bs=16), small_cnn(), cbs=cds())
+    learn.remove_cb(ProgressCallback)
+    assert isinstance(learn.model, DeepSupervisionModel)
+    learn.export(tmp_path / "e.pkl")
+    raw, members = scan_pickle(tmp_path / "e.pkl")
+    assert b"fastai_cds" not in raw and b"fastai_cds" not in members
+    assert isinstance(learn.model, DeepSupervisionModel) and learn.opt is None
+    loaded = torch.load(tmp_path / "e.pkl", weights_only=False)
+    assert type(loaded.model) is nn.Sequential
+    assert [k for k in loaded.model.state_dict()] == [k for k in small_cnn().state_dict()]

@@ -1,0 +1,157 @@
+"Tests of `fastai_cds.heads`: projection heads and auxiliary classifiers sized from the stages."
+import pytest
+import torch
+import torch.nn as nn
+
+from fastai_cds.heads import AuxClassifier, L2Norm, ProjectionHead, conv_trunk, sep_conv_block
+from fastai_cds.stages import StageInfo
+
+BS = 3
+
+
+def stage(c, s, red=1, name="s"):
+    return StageInfo(name, c, (s, s), red)
+
+
+FINAL = stage(512, 2, 16, "final")
+
+
+def convs(m, **kw):
+    return [c for c in m.modules() if isinstance(c, nn.Conv2d) and all(getattr(c, k) == v for k, v in kw.items())]
+
+
+def pointwise_out_channels(m):
+    "Output width of every sep-conv block: the last 1x1 conv of each block"
+    return [blk[5].out_channels for blk in m[0]]
+
+
+def assert_unit_norm(z):
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(z.shape[0]), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- sep-conv projection head
+def test_sepconv_head_three_blocks_to_final():
+    st = stage(64, 16, 2)
+    head = ProjectionHead(st, FINAL)
+    trunk = head[0]
+    assert len(trunk) == 3, "16x16 -> 2x2 is three stride-2 blocks"
+    assert pointwise_out_channels(head) == [128, 256, 512]
+    # every block halves the resolution: its first (depthwise) conv has stride 2
+    assert [blk[0].stride for blk in trunk] == [(2, 2)] * 3
+    assert [blk[0].groups for blk in trunk] == [64, 128, 256]
+    x = torch.randn(BS, 64, 16, 16)
+    sizes = []
+    h = x
+    for blk in trunk:
+        h = blk(h)
+        sizes.append(tuple(h.shape[1:]))
+    assert sizes == [(128, 8, 8), (256, 4, 4), (512, 2, 2)]
+    head.train()
+    z = head(x)
+    assert z.shape == (BS, 512)
+    assert_unit_norm(z)
+    head.eval()
+    with torch.no_grad():
+        assert_unit_norm(head(x))
+    assert isinstance(head[-1], L2Norm)
+
+
+def test_final_stage_head_has_no_conv():
+    head = ProjectionHead(FINAL, FINAL)
+    assert not convs(head), "the final stage already has the final width and size"
+    assert sum(p.numel() for p in head.parameters()) == 0
+    x = torch.randn(BS, 512, 2, 2)
+    z = head(x)
+    assert z.shape == (BS, 512)
+    assert_unit_norm(z)
+    # exactly: global average pool then L2-normalise
+    ref = x.mean((2, 3))
+    torch.testing.assert_close(z, ref / ref.norm(dim=1, keepdim=True))
+
+
+def test_same_size_other_width_one_stride1_block():
+    head = ProjectionHead(stage(256, 2, 16), FINAL)
+    assert len(head[0]) == 1
+    assert head[0][0][0].stride == (1, 1)
+    assert pointwise_out_channels(head) == [512]
+    z = head(torch.randn(BS, 256, 2, 2))
+    assert z.shape == (BS, 512)
+    assert_unit_norm(z)
+
+
+def test_mlp_head_output_dim():
+    st = stage(64, 16, 2)
+    head = ProjectionHead(st, FINAL, kind="mlp", dim=32)
+    assert not convs(head)
+    lins = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in lins] == [(64, 64), (64, 32)]  # hidden: the stage's width
+    z = head(torch.randn(BS, 64, 16, 16))
+    assert z.shape == (BS, 32)
+    assert_unit_norm(z)
+    head = ProjectionHead(st, FINAL, kind="mlp", dim=16, hidden=40)
+    lins = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in lins] == [(64, 40), (40, 16)]
+    assert head(torch.randn(BS, 64, 5, 7)).shape == (BS, 16)  # any resolution: pooled first
+
+
+def test_bad_kind_raises():
+    with pytest.raises(ValueError, match="kind"):
+        ProjectionHead(stage(64, 16), FINAL, kind="linear")
+
+
+def test_aux_classifier_output():
+    aux = AuxClassifier(stage(64, 16, 2), FINAL, n_out=10)
+    assert pointwise_out_channels(aux) == [128, 256, 512]
+    assert isinstance(aux[-1], nn.Linear) and aux[-1].in_features == 512 and aux[-1].out_features == 10
+    y = aux(torch.randn(BS, 64, 16, 16))
+    assert y.shape == (BS, 10)
+    # logits, not normalised
+    assert not torch.allclose(y.norm(dim=1), torch.ones(BS))
+    # on the final stage: pool + linear only
+    aux = AuxClassifier(FINAL, FINAL, n_out=7)
+    assert not convs(aux)
+    assert aux(torch.randn(BS, 512, 2, 2)).shape == (BS, 7)
+
+
+def test_non_power_of_two_widths_end_at_final_width():
+    final = stage(576, 2, 8, "final")
+    head = ProjectionHead(stage(24, 16, 1), final)
+    widths = pointwise_out_channels(head)
+    assert len(widths) == 3
+    assert widths[-1] == 576
+    assert widths == sorted(widths) and widths[0] > 24  # geometric growth: 24 -> 69 -> 200 -> 576
+    assert widths == [round(24 * 24 ** (k / 3)) for k in (1, 2, 3)]
+    z = head(torch.randn(BS, 24, 16, 16))
+    assert z.shape == (BS, 576)
+    assert_unit_norm(z)
+    # the blocks chain: each block's input width is the previous block's output width
+    ins = [blk[0].in_channels for blk in head[0]]
+    assert ins == [24] + widths[:-1]
+
+
+def test_non_power_of_two_resolution_reaches_final_size():
+    # 14 -> 7 -> 4 -> 2: log2(7) rounds to 3 blocks
+    trunk = conv_trunk(stage(32, 14), stage(128, 2))
+    assert len(trunk) == 3
+    assert trunk(torch.randn(2, 32, 14, 14)).shape == (2, 128, 2, 2)
+
+
+def test_sep_conv_block_param_count():
+    ni, nf = 4, 8
+    blk = sep_conv_block(ni, nf)
+    dw = ni * 1 * 3 * 3  # depthwise 3x3: one 3x3 filter per channel, no bias
+    expected = (dw + ni * ni + 2 * ni  # dw3x3, pw1x1 ni->ni, BN(ni) weight+bias
+                + dw + ni * nf + 2 * nf)  # dw3x3, pw1x1 ni->nf, BN(nf)
+    assert expected == 144
+    assert sum(p.numel() for p in blk.parameters()) == expected
+    assert all(c.bias is None for c in convs(blk))
+    assert blk(torch.randn(2, ni, 8, 8)).shape == (2, nf, 4, 4)
+    assert sep_conv_block(ni, nf, stride=1)(torch.randn(2, ni, 8, 8)).shape == (2, nf, 8, 8)
+
+
+def test_heads_backprop_to_input():
+    head = ProjectionHead(stage(16, 8), stage(64, 2))
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    head(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in head.parameters())

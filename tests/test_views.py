@@ -1,0 +1,285 @@
+"Tests of `fastai_cds.views`: the two-view DataLoader, the batch crop/grayscale transforms and `simclr_tfms`."
+import itertools
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from fastai.data.block import CategoryBlock, DataBlock  # noqa: E402
+from fastai.data.transforms import IndexSplitter, ItemGetter, Normalize  # noqa: E402
+from fastai.torch_core import TensorImage, set_seed  # noqa: E402
+from fastai.vision.augment import Brightness, Contrast, Flip, Hue, Resize, Saturation  # noqa: E402
+from fastai.vision.core import PILImageBW  # noqa: E402
+from fastai.vision.data import ImageBlock  # noqa: E402
+
+from fastai_cds.data import digits_dls  # noqa: E402
+from fastai_cds.views import (  # noqa: E402
+    RandomGrayscale, RandomResizedCropBatch, TwoViews, resized_crop_mat, show_views, simclr_tfms, two_view_dl,
+    view_pipelines)
+
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def dls():
+    "digits with the default (random) augmentation"
+    return digits_dls(device="cpu", size=16, label_fraction=0.3, bs=BS)
+
+
+@pytest.fixture(scope="module")
+def dls_det():
+    "digits whose batch transforms are deterministic: Normalize only"
+    return digits_dls(device="cpu", size=16, label_fraction=0.3, bs=BS,
+                      batch_tfms=[Normalize.from_stats([0.3], [0.2], cuda=False)])
+
+
+def const_dl(norm, n=16, bs=8):
+    "A train dl (no shuffle) of constant 1-channel images of values 0, 15, 30, ..."
+    vals = np.arange(n) * 15
+    items = [(np.full((8, 8), v, np.uint8), i % 2) for i, v in enumerate(vals)]
+    db = DataBlock(blocks=(ImageBlock(cls=PILImageBW), CategoryBlock), getters=[ItemGetter(0), ItemGetter(1)],
+                   splitter=IndexSplitter([]), item_tfms=Resize(16), batch_tfms=[norm])
+    dls = db.dataloaders(items, bs=bs, num_workers=0, device="cpu")
+    return dls.train.new(shuffle=False, drop_last=False), vals
+
+
+def img(x):
+    return TensorImage(x)
+
+
+# ---------------------------------------------------------------- two_view_dl
+def test_two_view_batches(dls):
+    views = two_view_dl(dls.train)  # default view 2: simclr_tfms for 1 channel
+    x, y = views.one_batch()
+    assert isinstance(x, TensorImage)
+    assert x.shape == (2 * BS, 1, 16, 16)
+    assert y.shape == (BS,)
+    assert len(views) == len(dls.train)
+    n = 0
+    for x, y in views:
+        assert x.shape[0] == 2 * y.shape[0]
+        n += 1
+    assert n == len(dls.train)
+    # two views of the same items, not the same pixels (random augmentation on both)
+    assert not torch.equal(x[: y.shape[0]], x[y.shape[0]:])
+
+
+def test_original_dl_unchanged(dls):
+    dl = dls.train
+    ab = dl.after_batch
+    fs = list(ab.fs)
+    split = ab.split_idx
+    norm = [t for t in fs if isinstance(t, Normalize)][0]
+    mean, std = norm.mean.clone(), norm.std.clone()
+    views = two_view_dl(dl, simclr_tfms(n_channels=1))
+    for _ in itertools.islice(views, 2):
+        pass
+    assert dl.after_batch is ab
+    assert len(ab.fs) == len(fs) and all(a is b for a, b in zip(ab.fs, fs))
+    assert ab.split_idx == split
+    assert torch.equal(norm.mean, mean) and torch.equal(norm.std, std)
+    assert views is not dl and views.after_batch is not ab
+    # and the original still gives normal batches
+    x, y = dl.one_batch()
+    assert x.shape == (BS, 1, 16, 16) and y.shape == (BS,)
+
+
+def test_view1_is_original_pipeline_when_deterministic(dls_det):
+    dl = dls_det.train.new(shuffle=False)
+    x_orig, y_orig = dl.one_batch()
+    x, y = two_view_dl(dl, view2_tfms=[]).one_batch()
+    assert torch.equal(x[:BS], x_orig)
+    assert torch.equal(y, y_orig)
+    # with no view-2 transform the second view is the first one, exactly
+    assert torch.equal(x[BS:], x[:BS])
+
+
+def test_views_without_normalize():
+    "A dl with no Normalize: both views are the converted floats in [0, 1], nothing normalises them"
+    dl = digits_dls(device="cpu", size=16, label_fraction=0.1, bs=8, batch_tfms=[]).train.new(shuffle=False)
+    x_orig, _ = dl.one_batch()
+    x, y = two_view_dl(dl, view2_tfms=[]).one_batch()
+    assert torch.equal(x[:8], x_orig) and torch.equal(x[8:], x_orig)
+    assert x.min() >= 0 and x.max() <= 1 and x.max() > 0.5
+    x, y = two_view_dl(dl, view2_tfms=[RandomResizedCropBatch()]).one_batch()
+    assert x[8:].min() >= -1e-6 and x[8:].max() <= 1 + 1e-6
+
+
+def test_view_pipelines_share_normalize(dls):
+    dl = dls.train
+    norm = [t for t in dl.after_batch.fs if isinstance(t, Normalize)][0]
+    p1, p2 = view_pipelines(dl, simclr_tfms(n_channels=1))
+    n1 = [t for t in p1.fs if isinstance(t, Normalize)]
+    n2 = [t for t in p2.fs if isinstance(t, Normalize)]
+    assert len(n1) == len(n2) == 1
+    assert n1[0] is norm and n2[0] is norm
+    # view 2 is: conversion, the view-2 transforms, Normalize last; none of view 1's augmentations
+    assert isinstance(p2.fs[-1], Normalize)
+    aug1 = [t for t in dl.after_batch.fs if t.order > 10 and not isinstance(t, Normalize)]
+    assert aug1, "the default digits pipeline has augmentations"
+    assert not any(t is a for t in p2.fs for a in aug1)
+
+
+@pytest.mark.parametrize("view2", ["none", "crop"])
+def test_both_views_normalised_once_by_same_normalize(view2):
+    norm = Normalize.from_stats([0.3], [0.2], cuda=False)
+    dl, vals = const_dl(norm)
+    tfms = [] if view2 == "none" else [RandomResizedCropBatch()]  # a crop keeps a constant image constant
+    x, y = two_view_dl(dl, tfms).one_batch()
+    bs = y.shape[0]
+    m1, m2 = x[:bs].mean((1, 2, 3)), x[bs:].mean((1, 2, 3))
+    expected = torch.tensor((vals[:bs] / 255 - 0.3) / 0.2, dtype=torch.float32)
+    torch.testing.assert_close(m1.as_subclass(torch.Tensor), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(m2.as_subclass(torch.Tensor), expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- RandomResizedCropBatch
+def test_crop_differs_per_image():
+    set_seed(0)
+    one = torch.rand(1, 3, 16, 16)
+    x = img(one.expand(8, -1, -1, -1).clone())
+    out = RandomResizedCropBatch()(x, split_idx=0)
+    assert out.shape == x.shape
+    for i, j in itertools.combinations(range(8), 2):
+        assert not torch.allclose(out[i], out[j]), f"images {i} and {j} got the same crop"
+    out = RandomResizedCropBatch(size=8)(x, split_idx=0)
+    assert out.shape == (8, 3, 8, 8)
+
+
+def test_crop_matrices_per_image():
+    x = torch.zeros(64, 3, 4, 4)
+    m = resized_crop_mat(x, min_scale=0.2, max_scale=1.)
+    assert m.shape == (64, 3, 3)
+    assert len({tuple(r.flatten().tolist()) for r in m}) == 64
+    w, h, cx, cy = m[:, 0, 0], m[:, 1, 1], m[:, 0, 2], m[:, 1, 2]
+    assert (m[:, 0, 1] == 0).all() and (m[:, 1, 0] == 0).all()
+    assert (w > 0).all() and (w <= 1).all() and (h > 0).all() and (h <= 1).all()
+    # the crop stays inside the image: |centre| <= 1 - half-size (in [-1, 1] coordinates)
+    assert (cx.abs() <= 1 - w + 1e-6).all() and (cy.abs() <= 1 - h + 1e-6).all()
+    area = w * h
+    assert (area >= 0.2 - 1e-5).all() and (area <= 1 + 1e-5).all()
+
+
+def test_full_crop_is_identity():
+    x = img(torch.rand(4, 3, 16, 16))
+    out = RandomResizedCropBatch(min_scale=1., max_scale=1., ratio=(1., 1.))(x, split_idx=0)
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), x.as_subclass(torch.Tensor), atol=1e-5, rtol=0)
+
+
+def test_crop_scale_on_a_ramp():
+    """A crop of area 1/4 (ratio 1) covers half the width, wherever it is: on a 0..1 horizontal ramp of N pixels
+    the output pixels 1 and N-2 (inside the image even for a crop touching the border: grid_sample uses
+    align_corners=False, so the outer half pixel is padding) differ by w*(N-3)/(N-1) with w=0.5"""
+    N = 17
+    ramp = torch.linspace(0, 1, N).expand(16, 1, N, N).clone()
+    out = RandomResizedCropBatch(min_scale=0.25, max_scale=0.25, ratio=(1., 1.))(img(ramp), split_idx=0)
+    span = out[:, 0, 8, -2] - out[:, 0, 8, 1]
+    torch.testing.assert_close(span.as_subclass(torch.Tensor), torch.full((16,), 0.5 * (N - 3) / (N - 1)),
+                               atol=1e-4, rtol=0)
+    assert out[:, 0, 8, 0].unique().numel() > 1, "positions differ per image"
+
+
+# ---------------------------------------------------------------- RandomGrayscale
+def test_random_grayscale_p1_channels_equal():
+    x = img(torch.rand(6, 3, 8, 8))
+    out = RandomGrayscale(p=1.)(x, split_idx=0)
+    assert out.shape == x.shape
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
+    lum = 0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    torch.testing.assert_close(out[:, 0].as_subclass(torch.Tensor), lum.as_subclass(torch.Tensor), atol=1e-3, rtol=0)
+
+
+def test_random_grayscale_p0_unchanged():
+    x = img(torch.rand(6, 3, 8, 8))
+    assert torch.equal(RandomGrayscale(p=0.)(x, split_idx=0), x)
+
+
+def test_random_grayscale_per_image_and_one_channel():
+    set_seed(0)
+    x = img(torch.rand(200, 3, 4, 4))
+    out = RandomGrayscale(p=0.5)(x, split_idx=0)
+    gray = (out[:, 0] == out[:, 1]).all(-1).all(-1) & (out[:, 1] == out[:, 2]).all(-1).all(-1)
+    kept = (out == x).flatten(1).all(1)
+    assert (gray ^ kept).all(), "each image is either kept or turned gray"
+    assert 50 < int(gray.sum()) < 150, "drawn per image"
+    x1 = img(torch.rand(4, 1, 8, 8))
+    assert torch.equal(RandomGrayscale(p=1.)(x1, split_idx=0), x1)
+
+
+def test_random_grayscale_train_only():
+    x = img(torch.rand(4, 3, 8, 8))
+    assert torch.equal(RandomGrayscale(p=1.)(x, split_idx=1), x)
+
+
+# ---------------------------------------------------------------- simclr_tfms
+def _kinds(tfms):
+    "Class names of the transforms and of the functions merged into them by `setup_aug_tfms`"
+    names = []
+    for t in tfms:
+        names.append(type(t).__name__)
+        names += [type(f).__name__ for f in getattr(t, "fs", None) or []]
+        names += [getattr(getattr(f, "func", f), "__name__", "") for f in getattr(t, "aff_fs", None) or []]
+    return names
+
+
+def test_simclr_tfms_one_channel():
+    names = _kinds(simclr_tfms(n_channels=1))
+    assert "RandomResizedCropBatch" in names
+    assert "_BrightnessLogit" in names and "_ContrastLogit" in names
+    assert "flip_mat" in names
+    for bad in ("Saturation", "_SaturationLogit", "Hue", "_Hue", "RandomGrayscale"):
+        assert bad not in names, bad
+    x = img(torch.rand(4, 1, 16, 16))
+    from fasttransform import Pipeline
+    assert Pipeline(simclr_tfms(n_channels=1), split_idx=0)(x).shape == (4, 1, 16, 16)
+
+
+def test_simclr_tfms_three_channels():
+    names = _kinds(simclr_tfms(n_channels=3))
+    for good in ("RandomResizedCropBatch", "_BrightnessLogit", "_ContrastLogit", "_SaturationLogit", "Hue",
+                 "RandomGrayscale", "flip_mat"):
+        assert good in names, good
+    assert "flip_mat" not in _kinds(simclr_tfms(n_channels=3, flip=False))
+    from fasttransform import Pipeline
+    out = Pipeline(simclr_tfms(size=8, n_channels=3), split_idx=0)(img(torch.rand(4, 3, 16, 16)))
+    assert out.shape == (4, 3, 8, 8)
+
+
+# ---------------------------------------------------------------- show_views
+@pytest.mark.parametrize("n", [3, 40])
+def test_show_views_grid(dls, n):
+    axs = show_views(dls.train, n=n)
+    axs = np.asarray(axs)
+    assert axs.shape == (2, min(n, BS))
+    plt.close("all")
+
+
+def test_show_views_three_channels():
+    dls3 = digits_dls(device="cpu", size=16, n_channels=3, label_fraction=0.1, bs=8)
+    axs = np.asarray(show_views(dls3.train, simclr_tfms(n_channels=3), n=2))
+    assert axs.shape == (2, 2)
+    assert all(ax.get_images() for ax in axs.flat), "every cell shows an image"
+    plt.close("all")
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="show_views(n=1): matplotlib squeezes subplots(2, 1) to a 1-D array, so axs[0][k] fails")
+def test_show_views_single_column(dls):
+    try:
+        axs = show_views(dls.train, n=1)
+        assert np.asarray(axs).shape == (2, 1)
+    finally:
+        plt.close("all")
+
+
+def test_two_views_transform_is_item_transform():
+    "TwoViews works on a plain tuple batch: (cat(view1, view2), *ys)"
+    from fasttransform import Pipeline
+    x, y = img(torch.rand(4, 1, 8, 8)), torch.arange(4)
+    tv = TwoViews(Pipeline([]), Pipeline([lambda t: t]))
+    out = tv((x, y))
+    assert out[0].shape == (8, 1, 8, 8) and torch.equal(out[1], y)
+    assert torch.equal(out[0][:4], x) and torch.equal(out[0][4:], x)
