@@ -36,6 +36,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                  'fastai_cds/callback.py'),
                                      'fastai_cds.callback.DeepSupervisionCallback.make_heads': ( 'callback.html#deepsupervisioncallback.make_heads',
                                                                                                  'fastai_cds/callback.py'),
+                                     'fastai_cds.callback.DeepSupervisionCallback.select_stages': ( 'callback.html#deepsupervisioncallback.select_stages',
+                                                                                                    'fastai_cds/callback.py'),
                                      'fastai_cds.callback.DeepSupervisionCallback.setup': ( 'callback.html#deepsupervisioncallback.setup',
                                                                                             'fastai_cds/callback.py'),
                                      'fastai_cds.callback.DeepSupervisionCallback.term_names': ( 'callback.html#deepsupervisioncallback.term_names',

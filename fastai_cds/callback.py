@@ -36,7 +36,12 @@ class DeepSupervisionCallback(Callback):
         store_attr()
         self.ds, self.terms, self._shown = None, {}, False
 
-    def make_heads(self, stages:list[StageInfo], final:StageInfo)->nn.ModuleList: raise NotImplementedError
+    def select_stages(self, stages:list[StageInfo], final:StageInfo)->list[StageInfo]:
+        "The stages that get a head (all by default; auxiliary classifiers skip the final map)"
+        return stages
+    def make_heads(self, stages:list[StageInfo], final:StageInfo)->nn.ModuleList:
+        "One head per stage: what each method supervises its stages with"
+        raise NotImplementedError(f"{type(self).__name__} must define make_heads")
     @property
     def term_names(self)->list[str]: return []
 
@@ -51,7 +56,9 @@ class DeepSupervisionCallback(Callback):
         p = next(m.parameters(), None)
         x = b[0][:2].to(p.device if p is not None else b[0].device)
         self.item_shape, self.has_labels = tuple(x.shape[1:]), len(b) > self.dls.n_inp
-        self.stages, self.final = find_stages(m, x, self.layers, self.scheme, self.max_stages)
+        stages, self.final = find_stages(m, x, self.layers, self.scheme, self.max_stages)
+        self.stages = self.select_stages(stages, self.final)
+        if not self.stages: raise ValueError(f"{type(self).__name__}: no stage to supervise among {stages}: pass `layers=`")
         heads = self.make_heads(self.stages, self.final).to(x.device)
         self.ds = attach_heads(self.learn, heads, [s.name for s in self.stages])
         if not any(isinstance(cb, LossTerms) for cb in self.learn.cbs): self.learn.add_cb(LossTerms())
