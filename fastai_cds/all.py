@@ -5,4 +5,5 @@ from .views import *
 from .export import *
 from .callback import *
 from .semi import *
+from .distill import *
 from .data import *

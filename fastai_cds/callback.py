@@ -11,7 +11,7 @@ from fastai.data.core import TfmdDL
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastai.callback.core import Callback
-from fastai.learner import Recorder
+from fastai.learner import Learner, Recorder
 from fastai.callback.mixup import MixHandler
 from .losses import SupConLoss
 from .stages import StageInfo, find_stages
@@ -19,9 +19,11 @@ from .heads import ProjectionHead
 from .views import simclr_tfms, two_view_dl
 from .export import DeepSupervisionModel, attach_heads
 from .semi import UnlabelledViews, contrastive_ids
+from .distill import Distiller
+from .stages import module_mode
 
 # %% auto #0
-__all__ = ['DeepSupervisionCallback', 'LossTerms', 'CDSCallback']
+__all__ = ['DeepSupervisionCallback', 'LossTerms', 'add_loss_terms', 'CDSCallback']
 
 # %% ../nbs/05_callback.ipynb #d0dd2a23
 class DeepSupervisionCallback(Callback):
@@ -42,6 +44,9 @@ class DeepSupervisionCallback(Callback):
     def make_heads(self, stages:list[StageInfo], final:StageInfo)->nn.ModuleList:
         "One head per stage: what each method supervises its stages with"
         raise NotImplementedError(f"{type(self).__name__} must define make_heads")
+    def make_aux(self, heads:nn.ModuleList, x:Tensor)->nn.Module|None:
+        "Other training-time modules, trained and saved with the heads (none by default)"
+        return None
     @property
     def term_names(self)->list[str]: return []
 
@@ -60,8 +65,9 @@ class DeepSupervisionCallback(Callback):
         self.stages = self.select_stages(stages, self.final)
         if not self.stages: raise ValueError(f"{type(self).__name__}: no stage to supervise among {stages}: pass `layers=`")
         heads = self.make_heads(self.stages, self.final).to(x.device)
-        self.ds = attach_heads(self.learn, heads, [s.name for s in self.stages])
-        if not any(isinstance(cb, LossTerms) for cb in self.learn.cbs): self.learn.add_cb(LossTerms())
+        aux = self.make_aux(heads, x)
+        self.ds = attach_heads(self.learn, heads, [s.name for s in self.stages], aux)
+        add_loss_terms(self.learn)
 
     def before_fit(self):
         self.setup()
@@ -79,13 +85,15 @@ class DeepSupervisionCallback(Callback):
 
 # %% ../nbs/05_callback.ipynb #be342542
 class LossTerms(Callback):
-    "Record the loss terms of the deep-supervision callbacks: epoch means in the Recorder, every batch in `history`"
+    "Record the loss terms of the callbacks that declare `term_names`: epoch means in the Recorder, every batch in `history`"
     order = Recorder.order + 5
-    def __init__(self): self.history = {}
-    def before_fit(self):
-        self.sources = [cb for cb in self.learn.cbs if isinstance(cb, DeepSupervisionCallback)]
-        self.names = [n for cb in self.sources for n in cb.term_names]
+    def __init__(self): self.history, self.sources, self.names, self._pending, self.sums, self.count = {}, [], [], False, {}, 0
+    def _find_sources(self):
+        self.sources = [cb for cb in self.learn.cbs if hasattr(cb, 'term_names') and hasattr(cb, 'terms') and cb is not self]
+        self.names = list(dict.fromkeys(n for cb in self.sources for n in cb.term_names))
         for n in self.names: self.history.setdefault(n, [])
+    def before_fit(self):
+        self._find_sources()
         rec, self._pending = getattr(self.learn, 'recorder', None), False
         if rec is None or not self.names: return
         mn = list(rec.metric_names)
@@ -94,9 +102,10 @@ class LossTerms(Callback):
     def before_train(self): self.sums, self.count = {n:0. for n in self.names}, 0
     def after_batch(self):
         if not self.training: return
+        if not self.sources: self._find_sources()  # added after this fit began: history only
         for cb in self.sources:
             for k,v in cb.terms.items():
-                self.sums[k] = self.sums[k] + v; self.history[k].append(v)
+                self.sums[k] = self.sums.get(k, 0.) + v; self.history.setdefault(k, []).append(v)
             cb.terms = {}
         self.count += 1
     def after_train(self): self._pending = True
@@ -114,7 +123,14 @@ class LossTerms(Callback):
         ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
 
-# %% ../nbs/05_callback.ipynb #b9dceb00
+# %% ../nbs/05_callback.ipynb #426d4cec
+def add_loss_terms(learn)->LossTerms:
+    "The Learner's `LossTerms` callback, added if missing"
+    lt = next((cb for cb in learn.cbs if isinstance(cb, LossTerms)), None)
+    if lt is None: learn.add_cb(lt := LossTerms())
+    return lt
+
+# %% ../nbs/05_callback.ipynb #b8bc360d
 class CDSCallback(DeepSupervisionCallback):
     "Contrastive deep supervision: the learner's loss on view 1 + `weight` x a contrastive loss on every head"
     def __init__(self,
@@ -125,6 +141,7 @@ class CDSCallback(DeepSupervisionCallback):
         ce_views:int=1, # the learner's loss on view 1 only (reference code), or on both views (2)
         view2_tfms:list|None=None, # batch transforms of view 2 (default: `simclr_tfms`)
         unlabelled:TfmdDL|None=None, # semi-supervised: a DataLoader of unlabelled images (its labels are ignored)
+        teacher:Learner|Distiller|None=None, # distillation: a Learner trained with CDSCallback, or a `Distiller` for other settings
         head:str='sepconv', # 'sepconv' (reference heads) or 'mlp'
         head_dim:int=128, # embedding size of 'mlp' heads
         **kwargs, # layers, scheme, max_stages, verbose: see `DeepSupervisionCallback`
@@ -135,12 +152,23 @@ class CDSCallback(DeepSupervisionCallback):
         super().__init__(**kwargs)
         store_attr('weight,supervised,ce_views,view2_tfms,unlabelled,head,head_dim')
         self.contrastive = SupConLoss(temperature, base_temperature)
+        self.distiller = teacher if teacher is None or isinstance(teacher, Distiller) else Distiller(teacher)
         self._n, self._warned = None, False
 
     def make_heads(self, stages, final):
         return nn.ModuleList([ProjectionHead(s, final, self.head, self.head_dim) for s in stages])
+    def make_aux(self, heads, x):
+        "Distillation adapters from the student's heads (or stages) to the teacher's"
+        if self.distiller is None: return None
+        with torch.no_grad(), module_mode(heads):
+            dims = [s.channels if self.distiller.features == 'stages' else h(torch.zeros(2, s.channels, *s.size, device=x.device)).shape[1]
+                    for h,s in zip(heads, self.stages)]
+        return self.distiller.adapters([s.name for s in self.stages], dims, x).to(x.device)
+
     @property
-    def term_names(self): return ['ce'] + [f'contra_{i}' for i in range(len(self.stages))]
+    def term_names(self):
+        k = range(len(self.stages))
+        return ['ce'] + [f'contra_{i}' for i in k] + ([f'emb_{i}' for i in k] + ['kd'] if self.distiller else [])
 
     def before_fit(self):
         super().before_fit()
@@ -150,6 +178,7 @@ class CDSCallback(DeepSupervisionCallback):
             raise ValueError("CDSCallback(ce_views=2) cannot be combined with MixUp/CutMix, which mix one view: use ce_views=1")
         v2 = self.view2_tfms or simclr_tfms(n_channels=self.item_shape[0])
         self._views = two_view_dl(self.dls.train, v2)
+        if self.distiller is not None: self.distiller.teacher.to(self.dls.device)
         self._unlab = None
         if self.unlabelled is not None:
             self._unlab = UnlabelledViews(self.unlabelled, v2)
@@ -171,19 +200,27 @@ class CDSCallback(DeepSupervisionCallback):
         ids = contrastive_ids(self.y, m)  # hard labels, before MixUp/CutMix; unlabelled: own ids
         self._labels = ids if self.supervised else None
         if self.ce_views == 2: self.learn.yb = (torch.cat([self.y, self.y]),)
-        self.learn.xb, self.ds.extra_input = (x[:n],), torch.cat([u[:m], x[n:], u[m:]])
+        self._extra = torch.cat([u[:m], x[n:], u[m:]])
+        self.learn.xb, self.ds.extra_input = (x[:n],), self._extra
         self.ds.run_heads, self._n = True, n
 
     def after_pred(self):
         if self._n is None: return
         n, m = self._n, self._m
+        if self.distiller is not None:  # the teacher sees what the student saw (view 1 after MixUp/CutMix too)
+            t_logits, self._t_feats = self.distiller.teacher_features(torch.cat([self.xb[0], self._extra]))
+            self._t_logits, self._s_logits = t_logits[:n], self.pred[:n]  # soft targets on labelled view 1
         self.learn.pred = self.pred[:n] if self.ce_views == 1 else torch.cat([self.pred[:n], self.pred[n+m:2*n+m]])
 
     def after_loss(self):
         if self._n is None: return
         ce = self.loss_grad
         contra = [self.contrastive(z, self._labels) for z in self.ds.head_outputs]
-        self.learn.loss_grad = ce + self.weight * torch.stack(contra).sum()
-        self.learn.loss = self.loss_grad.detach().clone()
-        self.terms = {'ce': ce.detach(), **{f'contra_{i}': c.detach() for i,c in enumerate(contra)}}
-        self._n, self.ds.head_outputs = None, None
+        loss, terms = ce + self.weight * torch.stack(contra).sum(), {f'contra_{i}': c for i,c in enumerate(contra)}
+        if self.distiller is not None:
+            dterms = self.distiller.loss(self.distiller.student_features(self.ds), self._t_feats, self.ds.aux, self._s_logits, self._t_logits)
+            loss, terms = loss + self.distiller.total(dterms), {**terms, **dterms}
+            self._t_logits = self._t_feats = self._s_logits = None
+        self.learn.loss_grad, self.learn.loss = loss, loss.detach().clone()
+        self.terms = {'ce': ce.detach(), **{k: v.detach() for k,v in terms.items()}}
+        self._n, self._extra, self.ds.head_outputs, self.ds.stage_outputs = None, None, None, None

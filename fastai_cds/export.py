@@ -18,10 +18,15 @@ __all__ = ['DeepSupervisionModel', 'split_with_heads', 'attach_heads', 'plain_le
 # %% ../nbs/04_export.ipynb #ac024911
 class DeepSupervisionModel(nn.Module):
     "`model` plus `heads` on its stages `stages`; the plain forward unless `run_heads` is set"
-    def __init__(self, model:nn.Module, heads:nn.ModuleList, stages:list[str]):
+    def __init__(self,
+        model:nn.Module, # the user's model, unchanged
+        heads:nn.ModuleList, # one head per stage
+        stages:list[str], # module names of the hooked stages
+        aux:nn.Module|None=None, # other training-time modules to train and save (e.g. distillation adapters)
+    ):
         super().__init__()
-        self.model,self.heads,self.stages = model,heads,list(stages)
-        self.run_heads,self.extra_input,self.head_outputs = False,None,None
+        self.model,self.heads,self.stages,self.aux = model,heads,list(stages),aux
+        self.run_heads,self.extra_input,self.head_outputs,self.stage_outputs = False,None,None,None
 
     def forward(self, *x):
         run, extra = self.run_heads, self.extra_input
@@ -29,19 +34,20 @@ class DeepSupervisionModel(nn.Module):
         if not run: return self.model(*x)
         if extra is not None: x = (torch.cat([x[0], extra]), *x[1:])
         with stage_hooks(self.model, self.stages) as hs: out = self.model(*x)
+        self.stage_outputs = hs.stored
         self.head_outputs = [h(o) for h,o in zip(self.heads, hs.stored)]
         return out
 
 # %% ../nbs/04_export.ipynb #b66e0a29
 def split_with_heads(splitter, m:DeepSupervisionModel):
     "Apply the user's `splitter` to the plain model and add the heads to its last parameter group"
-    groups, hp = list(splitter(m.model)), list(m.heads.parameters())
+    groups, hp = list(splitter(m.model)), list(m.heads.parameters()) + (list(m.aux.parameters()) if m.aux is not None else [])
     if not groups or isinstance(groups[0], torch.Tensor): return groups + hp  # a flat list: one group
     return groups[:-1] + [list(groups[-1]) + hp]
 
-def attach_heads(learn:Learner, heads:nn.ModuleList, stages:list[str])->DeepSupervisionModel:
-    "Wrap `learn.model` with `heads`; route the heads into the optimizer"
-    ds = DeepSupervisionModel(learn.model, heads, stages)
+def attach_heads(learn:Learner, heads:nn.ModuleList, stages:list[str], aux:nn.Module|None=None)->DeepSupervisionModel:
+    "Wrap `learn.model` with `heads` (and `aux`); route them into the optimizer"
+    ds = DeepSupervisionModel(learn.model, heads, stages, aux)
     learn.model, learn.splitter = ds, partial(split_with_heads, learn.splitter)
     if learn.opt is not None:  # an optimizer made before the heads existed: make it again, same frozen groups
         fi = getattr(learn.opt, 'frozen_idx', 0)

@@ -12,7 +12,7 @@ from torch import Tensor
 from fastai.callback.hook import Hooks
 
 # %% auto #0
-__all__ = ['StageInfo', 'eval_mode', 'find_stages', 'stage_hooks']
+__all__ = ['StageInfo', 'module_mode', 'find_stages', 'stage_hooks']
 
 # %% ../nbs/01_stages.ipynb #19306647
 @dataclass
@@ -31,10 +31,10 @@ def _is_global_pool(m:nn.Module, out:Tensor)->bool:
     return bool(re.search(r'Pool[123]d$', nm)) and ('Adaptive' in nm or tuple(out.shape[-2:]) == (1,1))
 
 @contextmanager
-def eval_mode(model:nn.Module):
-    "Put every module of `model` in eval mode; restore each one's own mode on exit (a frozen BN stays frozen)"
+def module_mode(model:nn.Module, training:bool=False):
+    "Put every module of `model` in train or eval mode; restore each one's own mode on exit (a frozen BN stays frozen)"
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
     try: yield model
     finally:
         for m,t in modes: m.training = t
@@ -46,7 +46,7 @@ def _probe(model:nn.Module, x:Tensor):
         calls.append(dict(m=m, i=id(i[0]) if len(i) else None, o=id(o), out=o if isinstance(o, Tensor) else None))
         return None
     mods = [m for _,m in model.named_modules()]
-    with torch.no_grad(), eval_mode(model), Hooks(mods, rec, detach=False): out = model(x)
+    with torch.no_grad(), module_mode(model), Hooks(mods, rec, detach=False): out = model(x)
     names = {m:n for n,m in model.named_modules()}
     for k,c in enumerate(calls): c.update(seq=k, name=names[c['m']])
     return calls, out
@@ -100,7 +100,7 @@ def _timm_stages(model, x):
         mods = [model.get_submodule(n) for n in names]
         outs = {}
         def rec(m, i, o): outs[m] = o
-        with torch.no_grad(), eval_mode(model), Hooks(mods, rec, detach=False): model(x)
+        with torch.no_grad(), module_mode(model), Hooks(mods, rec, detach=False): model(x)
         return [_info(n, outs[m], x.shape[-2]) for n,m in zip(names, mods) if m in outs and outs[m].ndim == 4]
     return None
 

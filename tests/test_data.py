@@ -93,8 +93,9 @@ def test_stratified_fraction_keeps_one_per_class():
 def test_invalid_fraction_raises(labels, fraction):
     with pytest.raises(ValueError, match="fraction"):
         stratified_fraction(labels, fraction)
-    with pytest.raises(ValueError, match="fraction"):
-        digits_dls(device="cpu", size=8, label_fraction=fraction)
+    if fraction in (0, 1.5):  # each call builds the DataLoaders first: two are enough
+        with pytest.raises(ValueError, match="fraction"):
+            digits_dls(device="cpu", size=8, label_fraction=fraction)
 
 
 # ---------------------------------------------------------------- DataLoaders
@@ -161,3 +162,18 @@ def test_dls_size_and_channels(size, n_channels):
 def test_dls_bad_channels():
     with pytest.raises(ValueError, match="n_channels"):
         digits_dls(device="cpu", size=8, n_channels=2)
+
+
+def test_dls_unlabelled_rest(labels):
+    dls, udl = digits_dls(device="cpu", size=8, label_fraction=0.2, bs=8, seed=0, unlabelled=True)
+    lab, unlab, valid = digits_splits(labels, 0.2, 0.2, seed=0)
+    items = digits_items()[0]
+    train = sorted(map(item_key, dls.train_ds.items))
+    rest = sorted(map(item_key, udl.dataset.items))
+    assert train == sorted(item_key(items[i]) for i in lab)
+    assert rest == sorted(item_key(items[i]) for i in unlab)
+    assert sorted(map(item_key, dls.valid_ds.items)) == sorted(item_key(items[i]) for i in valid)
+    x, _ = udl.one_batch()
+    assert x.shape == (8, 1, 8, 8)
+    with pytest.raises(ValueError, match="label_fraction"):
+        digits_dls(device="cpu", size=8, label_fraction=1., unlabelled=True)
