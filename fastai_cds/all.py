@@ -7,3 +7,5 @@ from .callback import *
 from .semi import *
 from .distill import *
 from .data import *
+from .baselines import *
+from .metrics import *

@@ -87,7 +87,7 @@ class DeepSupervisionCallback(Callback):
 class LossTerms(Callback):
     "Record the loss terms of the callbacks that declare `term_names`: epoch means in the Recorder, every batch in `history`"
     order = Recorder.order + 5
-    def __init__(self): self.history, self.sources, self.names, self._pending, self.sums, self.count = {}, [], [], False, {}, 0
+    def __init__(self): self.history, self.sources, self.names, self._pending, self.sums, self.counts = {}, [], [], False, {}, {}
     def _find_sources(self):
         self.sources = [cb for cb in self.learn.cbs if hasattr(cb, 'term_names') and hasattr(cb, 'terms') and cb is not self]
         self.names = list(dict.fromkeys(n for cb in self.sources for n in cb.term_names))
@@ -99,20 +99,20 @@ class LossTerms(Callback):
         mn = list(rec.metric_names)
         rec.metric_names = L(mn[:-1] + self.names + mn[-1:] if mn[-1] == 'time' else mn + self.names)
 
-    def before_train(self): self.sums, self.count = {n:0. for n in self.names}, 0
+    def before_train(self): self.sums, self.counts = {}, {}
     def after_batch(self):
         if not self.training: return
         if not self.sources: self._find_sources()  # added after this fit began: history only
         for cb in self.sources:
-            for k,v in cb.terms.items():
-                self.sums[k] = self.sums.get(k, 0.) + v; self.history.setdefault(k, []).append(v)
+            for k,v in cb.terms.items():  # a batch that skipped a term (e.g. a last batch of one) does not count for it
+                self.sums[k], self.counts[k] = self.sums.get(k, 0.) + v, self.counts.get(k, 0) + 1
+                self.history.setdefault(k, []).append(v)
             cb.terms = {}
-        self.count += 1
     def after_train(self): self._pending = True
     def after_validate(self):
         if not self._pending or not self.names or not hasattr(self.learn, 'recorder'): return
         self._pending = False
-        self.learn.recorder.log += [float(self.sums[n])/self.count if self.count else float('nan') for n in self.names]
+        self.learn.recorder.log += [float(self.sums[n])/self.counts[n] if self.counts.get(n) else float('nan') for n in self.names]
 
     def plot(self, skip_start:int=0, with_ce:bool=True):
         "Plot the recorded terms per training batch"
@@ -172,8 +172,9 @@ class CDSCallback(DeepSupervisionCallback):
 
     def before_fit(self):
         super().before_fit()
-        if self.supervised and not self.has_labels:
-            raise ValueError("CDSCallback(supervised=True) uses the batch labels for SupCon, but these DataLoaders give none: pass supervised=False (SimCLR)")
+        if not self.has_labels:
+            raise ValueError("CDSCallback trains a classifier (the learner's loss on labelled view 1 + contrastive heads), but these DataLoaders "
+                             "give no labels: put the labelled images in the DataLoaders and the unlabelled ones in CDSCallback(unlabelled=...)")
         if self.ce_views == 2 and any(isinstance(cb, MixHandler) for cb in self.learn.cbs):
             raise ValueError("CDSCallback(ce_views=2) cannot be combined with MixUp/CutMix, which mix one view: use ce_views=1")
         v2 = self.view2_tfms or simclr_tfms(n_channels=self.item_shape[0])
@@ -188,6 +189,7 @@ class CDSCallback(DeepSupervisionCallback):
 
     def before_batch(self):
         self._n = None
+        self._reset()  # nothing from an interrupted batch reaches this one
         if not self.training: return
         x, n = self.x, self.x.shape[0]//2
         if n < 2:

@@ -41,6 +41,7 @@ class RandomResizedCropBatch(AffineCoordTfm):
         max_scale:float=1., # largest crop area
         ratio:tuple=(3/4, 4/3), # range of width/height
         **kwargs):
+        kwargs.setdefault('align_corners', True)  # as fastai's aug_transforms
         super().__init__(aff_fs=partial(resized_crop_mat, min_scale=min_scale, max_scale=max_scale, ratio=ratio), size=size, **kwargs)
 
 # %% ../nbs/03_views.ipynb #2c496a8b
@@ -98,7 +99,7 @@ def show_views(dl:TfmdDL, view2_tfms:list|None=None, n:int=4, figsize:tuple|None
     bs = x.shape[0]//2
     n = min(n, bs)
     v1, v2 = [dl.decode((x[k*bs:k*bs+n], *[y[:n] for y in ys]))[0] for k in (0,1)]
-    _, axs = subplots(2, n, figsize=figsize or (2*n, 4))
+    _, axs = subplots(2, n, figsize=figsize or (2*n, 4), squeeze=False)
     for k in range(n):
         show_image(v1[k], ctx=axs[0][k], title='view 1' if k == 0 else None)
         show_image(v2[k], ctx=axs[1][k], title='view 2' if k == 0 else None)

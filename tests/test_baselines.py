@@ -294,8 +294,10 @@ def test_export_is_plain_and_predicts_the_same(dls, tmp_path):
     torch.save({"x": x, "items": items}, tmp_path / "inputs.pt")
     expected = {}
     for kind in kinds:
-        learn = learner(dls, [CB[kind](verbose=False), Spy(100, after_batch=stop_after(3))])
+        learn, spy = learner(dls, CB[kind](verbose=False)), Spy(100, after_batch=stop_after(3))
+        learn.add_cb(spy)
         learn.fit(1, 1e-2)
+        learn.remove_cb(spy)
         m = learn.model.model.eval()
         with torch.no_grad(): pred = m(x)
         expected[kind] = (pred, learn.get_preds(dl=dls.test_dl(items))[0])

@@ -415,20 +415,19 @@ def test_supervised_without_labels_rejected_at_fit_start():
     learn = tiny_learner(small_dls(labels=False), loss_func=lambda pred: pred.pow(2).mean())
     n = [0]
     learn.add_cb(Spy(before_batch=lambda: n.__setitem__(0, n[0] + 1)))
-    with pytest.raises(ValueError, match='supervised=False'): learn.fit(1)
+    with pytest.raises(ValueError, match='give no labels'): learn.fit(1)
     assert n[0] == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "supervised=False on DataLoaders without labels (what the supervised=True error advises) crashes in "
-    "CDSCallback.after_loss: fastai computes no loss when yb is empty, so `self.loss_grad` is missing"))
-def test_simclr_without_labels_trains():
+def test_no_labels_rejected_at_fit_start_even_for_simclr():
+    # fastai computes no loss (and no backward) for a batch without labels: CDS needs labelled batches,
+    # unlabelled images go through `unlabelled=`. The error says so before any batch runs.
     learn = tiny_learner(small_dls(labels=False), loss_func=lambda pred: pred.pow(2).mean(),
                          cds=CDSCallback(supervised=False, verbose=False))
-    before = param_snapshot(learn.model.heads)
-    learn.fit(1)
-    after = param_snapshot(learn.model.heads)
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    n = [0]
+    learn.add_cb(Spy(before_batch=lambda: n.__setitem__(0, n[0] + 1)))
+    with pytest.raises(ValueError, match='unlabelled='): learn.fit(1)
+    assert n[0] == 0
 
 
 def test_batch_size_1_rejected_at_fit_start():
@@ -460,9 +459,6 @@ def test_last_training_batch_of_one_warns_and_stays_finite():
     assert all(math.isfinite(v) for v in learn.recorder.values[-1])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LossTerms.after_batch counts a training batch that recorded no terms (the batch of one image), "
-    "so the epoch means of 'ce' and 'contra_i' in the Recorder are divided by 3 batches instead of 2"))
 def test_epoch_term_means_ignore_skipped_batch():
     learn, rec = _last_batch_of_one()
     with warnings.catch_warnings():
@@ -486,10 +482,7 @@ def _raise(ex):
 
 @pytest.mark.parametrize('case', [
     'cancel_fit_in_after_pred', 'error_in_after_loss', 'error_in_after_loss_before_cds', 'error_inside_forward',
-    pytest.param('error_in_before_batch_after_cds', marks=pytest.mark.xfail(strict=True, reason=(
-        "an exception raised by a callback's before_batch after CDSCallback's (order > -5) leaves "
-        "DeepSupervisionModel.run_heads=True and extra_input=<training view 2>: the next forward (validate) "
-        "runs the heads and concatenates stale training images to the validation batch"))),
+    'error_in_before_batch_after_cds',
 ])
 def test_interrupted_fit_leaves_no_hooks_and_validate_works(case):
     learn = tiny_learner(small_dls(n_train=32, bs=8))
@@ -519,10 +512,13 @@ def test_interrupted_fit_leaves_no_hooks_and_validate_works(case):
     hooked = [n for n, m in ds.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     assert hooked == []
     assert learn.dls.train.after_batch is tfms_before and list(learn.dls.train.after_batch.fs) == fs_before
-    assert ds.run_heads is False and ds.extra_input is None
+    # fastai sends no event after an arbitrary exception in another callback's before_batch: the state set
+    # for that batch is cleared by CDSCallback's next before_batch, before any forward (checked below)
+    if case != 'error_in_before_batch_after_cds': assert ds.run_heads is False and ds.extra_input is None
     logits, ys = manual_valid(learn)
     loss = learn.validate()[0]
     assert abs(loss - F.cross_entropy(logits, ys).item()) < 1e-5
+    assert ds.run_heads is False and ds.extra_input is None
 
 
 # ---------------------------------------------------------------- 9. architectures

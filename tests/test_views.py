@@ -265,8 +265,6 @@ def test_show_views_three_channels():
     plt.close("all")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="show_views(n=1): matplotlib squeezes subplots(2, 1) to a 1-D array, so axs[0][k] fails")
 def test_show_views_single_column(dls):
     try:
         axs = show_views(dls.train, n=1)
