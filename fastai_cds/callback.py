@@ -14,13 +14,12 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner, Recorder
 from fastai.callback.mixup import MixHandler
 from .losses import SupConLoss
-from .stages import StageInfo, find_stages
+from .stages import StageInfo, find_stages, module_mode
 from .heads import ProjectionHead
 from .views import simclr_tfms, two_view_dl
 from .export import DeepSupervisionModel, attach_heads
 from .semi import UnlabelledViews, contrastive_ids
 from .distill import Distiller
-from .stages import module_mode
 
 # %% auto #0
 __all__ = ['DeepSupervisionCallback', 'LossTerms', 'add_loss_terms', 'CDSCallback']
@@ -78,7 +77,7 @@ class DeepSupervisionCallback(Callback):
             self._shown = True
 
     def _reset(self):
-        if self.ds is not None: self.ds.run_heads, self.ds.extra_input, self.ds.head_outputs = False, None, None
+        if self.ds is not None: self.ds.run_heads, self.ds.extra_input, self.ds.head_outputs, self.ds.stage_outputs = False, None, None, None
     def after_batch(self): self._reset()
     def after_fit(self): self._reset()
     def after_cancel_fit(self): self._reset()
