@@ -33,6 +33,7 @@ def pairwise_kl(
 # %% ../nbs/09_baselines.ipynb #98855d10
 class DSNCallback(DeepSupervisionCallback):
     "Deep supervision (DSN): the learner's loss + `alpha` x cross-entropy of an auxiliary classifier on every stage but the last"
+    beta = 0.  # weight of the mimicking terms: none in DSN
     def __init__(self,
         alpha:float=1., # weight of every auxiliary classifier's cross-entropy (eq. 2; 1 as in the DKS/DHM code)
         **kwargs, # layers, scheme, max_stages, verbose: see `DeepSupervisionCallback`
@@ -64,9 +65,8 @@ class DSNCallback(DeepSupervisionCallback):
         self.ds.run_heads = True
 
     def mimicry(self, logits:list[Tensor])->dict[str,Tensor]:
-        "Unweighted mimicking terms on the classifiers' fp32 logits (auxiliaries, then final); none for DSN"
+        "Mimicking terms, before `beta`, on the classifiers' fp32 logits (auxiliaries, then final); none in DSN"
         return {}
-    def mimicry_weight(self)->float: return 0.
 
     def after_loss(self):
         if self._y is None: return
@@ -76,7 +76,7 @@ class DSNCallback(DeepSupervisionCallback):
             aux = [F.cross_entropy(l, self._y) for l in logits[:-1]]
             mimic = self.mimicry(logits)
             loss = ce + self.alpha * torch.stack(aux).sum()
-            if mimic: loss = loss + self.mimicry_weight() * torch.stack(list(mimic.values())).sum()
+            if mimic: loss = loss + self.beta * torch.stack(list(mimic.values())).sum()
         self.learn.loss_grad = loss
         self.learn.loss = loss.detach().clone()
         self.terms = {'ce': ce.detach(), **{f'aux_{i}': a.detach() for i,a in enumerate(aux)}, **{k: v.detach() for k,v in mimic.items()}}
@@ -104,7 +104,6 @@ class DKSCallback(DSNCallback):
         return [(a, b) for a in range(k) for b in range(k) if a != b]
     def mimicry(self, logits:list[Tensor])->dict[str,Tensor]:
         return {'kl': pairwise_kl(logits, self.mimic_pairs(len(logits)), self.T, self.T**2 if self.t_squared else 1.)}
-    def mimicry_weight(self)->float: return self.beta
 
 # %% ../nbs/09_baselines.ipynb #03bbd4d4
 class DHMCallback(DKSCallback):

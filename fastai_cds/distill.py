@@ -47,10 +47,10 @@ class Teacher:
     def has_heads(self)->bool: return isinstance(self.model, DeepSupervisionModel)
     def to(self, device): self.model.to(device); return self
 
-    def __call__(self, x:Tensor, heads:bool=False)->tuple:
-        "Logits on `x`, plus (head embeddings, stage outputs) when `heads`"
+    def __call__(self, x:Tensor, heads:bool=False, training:bool|None=None)->tuple:
+        "Logits on `x`, plus (head embeddings, stage outputs) when `heads`; `training` overrides the mode"
         m = self.model
-        with torch.no_grad(), module_mode(m, self.bn_train):
+        with torch.no_grad(), module_mode(m, self.bn_train if training is None else training):
             if heads: m.run_heads = True
             out = m(x)
         return (out, m.head_outputs, m.stage_outputs) if heads else out
@@ -99,9 +99,9 @@ class Distiller:
         "The reference code's ImageNet setting: weights 0.5, T = 1"
         return cls(teacher, emb_weight=0.5, logit_weight=0.5, T=1., **kwargs)
 
-    def teacher_features(self, x:Tensor)->tuple[Tensor, list[Tensor]]:
+    def teacher_features(self, x:Tensor, training:bool|None=None)->tuple[Tensor, list[Tensor]]:
         "Teacher logits and the features distilled (head embeddings or pooled stages) on `x`"
-        out, heads, stages = self.teacher(x, heads=True)
+        out, heads, stages = self.teacher(x, heads=True, training=training)
         return out, (heads if self.features == 'heads' else [_pool(f) for f in stages])
 
     def student_features(self, ds:DeepSupervisionModel)->list[Tensor]:
@@ -117,7 +117,7 @@ class Distiller:
         if len(idx) != len(student_stages) or not all(0 <= i < len(t_names) for i in idx):
             raise ValueError(f"teacher_heads={idx} must give one teacher head (0..{len(t_names)-1}) for each of the {len(student_stages)} student heads")
         self.idx = idx
-        _, tf = self.teacher_features(x.to(next(self.teacher.model.parameters()).device))
+        _, tf = self.teacher_features(x.to(next(self.teacher.model.parameters()).device), training=False)  # a probe: no BN update
         return nn.ModuleList([nn.Identity() if sd == tf[i].shape[1] else nn.Linear(sd, tf[i].shape[1]) for sd,i in zip(student_dims, idx)])
 
     def loss(self, s_feats:list[Tensor], t_feats:list[Tensor], adapters:nn.ModuleList, s_logits:Tensor, t_logits:Tensor)->dict:
@@ -132,7 +132,7 @@ class Distiller:
 # %% ../nbs/08_distill.ipynb #62d7a3f4
 class KDCallback(Callback):
     "Logit distillation from a frozen `teacher`: the learner's loss + `weight` x soft-target loss"
-    order = -5
+    order = -4  # after a CDSCallback (-5), which records the plain 'ce'
     def __init__(self,
         teacher:Learner|nn.Module, # any trained classifier with the same classes
         T:float=3., # temperature
@@ -151,6 +151,8 @@ class KDCallback(Callback):
     def before_fit(self):
         self.after_create()
         self.teacher.to(self.dls.device)
+        others = [cb for cb in self.learn.cbs if cb is not self and 'ce' in getattr(cb, 'term_names', [])]
+        self.term_names = ['kd'] if others else ['ce', 'kd']  # the plain 'ce' is recorded once (by CDSCallback if present)
     def after_pred(self):
         self._t = self.teacher(self.xb[0]) if self.training else None
     def after_loss(self):
@@ -158,4 +160,4 @@ class KDCallback(Callback):
         ce, kd = self.loss_grad, soft_target_loss(self.pred, self._t, self.T, self.kl)
         self.learn.loss_grad = ce + self.weight*kd
         self.learn.loss = self.loss_grad.detach().clone()
-        self.terms, self._t = {'ce': ce.detach(), 'kd': kd.detach()}, None
+        self.terms, self._t = {k: v.detach() for k,v in (('ce', ce), ('kd', kd)) if k in self.term_names}, None

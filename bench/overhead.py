@@ -1,0 +1,262 @@
+"""What CDS costs, measured side by side: training step time and memory, two-view augmentation throughput, export.
+
+(a) One fastai training step (`Learner.one_batch`: callbacks, forward, loss, backward, optimizer step) of three learners
+    on the same images, interleaved step by step (order rotated every round), median over `--reps` steps each:
+    CDS on N images (two views: 2N through the network), the plain model on the same 2N images (the floor: CDS cannot
+    cost less than a forward/backward of 2N images), and the plain model on N images. Peak memory of a step is
+    measured with torch.profiler (`profile_memory=True`: the allocations and frees of every op, summed in time order)
+    plus the tensors that live across steps (parameters, gradients, optimizer state, the batch).
+    A component breakdown says where the time of CDS beyond the floor goes (heads, contrastive loss, the rest).
+(b) Two-view augmentation throughput, images per second (each image gives both views, normalised): our views made on
+    the batch (`two_view_dl`, `simclr_tfms`), as the batch transform alone and through the whole fastai DataLoader,
+    against a per-item PIL pipeline of torchvision transforms with the reference recipe (view 1: RandomCrop 32 pad 4 +
+    flip; view 2: RandomResizedCrop scale 0.2-1, flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale 0.2)
+    run through a torch DataLoader with 0 and 2 workers.
+(c) The exported CDS learner against the exported plain learner: parameters, file size, inference latency.
+
+Models: a CIFAR-style ResNet18 at 32x32 (3x3 stride-1 stem, no max-pool) and torchvision's ResNet18 at 64x64, N=32.
+On a CPU every op runs synchronously, so wall time around a step is its time. Not run by CI.
+"""
+import io, itertools, math, os, statistics, tempfile, time, warnings
+from pathlib import Path
+import numpy as np, PIL.Image
+import torch, torch.nn as nn, torchvision
+from torch.profiler import profile, ProfilerActivity
+from fastcore.script import call_parse
+from fastai.vision.all import *
+from fastai_cds.all import *
+
+STATS = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
+
+def cifar_resnet18(n_out:int=10)->nn.Module:
+    "torchvision's ResNet18 with the CIFAR stem: 3x3 stride-1 conv1, no max-pool"
+    m = torchvision.models.resnet18(num_classes=n_out)
+    m.conv1, m.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    return m
+
+MODELS = {'CIFAR ResNet18 32x32': (cifar_resnet18, 32), 'ResNet18 64x64': (lambda: torchvision.models.resnet18(num_classes=10), 64)}
+
+def synthetic_items(n:int, size:int, seed:int=0)->list:
+    "`n` random RGB uint8 images with labels in 0..9 (the content does not matter for speed)"
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), int(rng.integers(10))) for _ in range(n)]
+
+def image_dls(items:list, bs:int)->DataLoaders:
+    "fastai DataLoaders of `items`: flip and Normalize as training batch transforms"
+    db = DataBlock(blocks=(ImageBlock, CategoryBlock), getters=[ItemGetter(0), ItemGetter(1)], splitter=IndexSplitter([0]),
+                   batch_tfms=[Flip(), Normalize.from_stats(*STATS, cuda=False)])
+    return db.dataloaders(items, bs=bs, num_workers=0, device='cpu')
+
+def median_ms(ts:list[float])->float: return statistics.median(ts)*1000
+
+# ---------------------------------------------------------------- (a) training steps
+def start_training(learn:Learner, lr:float=1e-3):
+    "Put `learn` in the state of a training epoch, as `fit` does, without running its batches"
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
+    if learn.opt is None: learn.create_opt()
+    learn.opt.set_hypers(lr=lr)
+    learn.n_epoch = 1
+    learn('before_fit'); learn.epoch = 0; learn('before_epoch')
+    learn.dl = learn.dls.train
+    learn('before_train')
+    learn.n_iter = 10**6
+
+def state_bytes(learn:Learner, batch:tuple)->int:
+    "Bytes of the tensors that live across steps: parameters, gradients, optimizer state, the batch"
+    ps = list(learn.model.parameters())
+    n = sum(p.numel()*p.element_size() for p in ps) + sum(p.grad.numel()*p.grad.element_size() for p in ps if p.grad is not None)
+    for p in ps:
+        for v in learn.opt.state.get(p, {}).values():
+            if isinstance(v, torch.Tensor): n += v.numel()*v.element_size()
+    return n + sum(t.numel()*t.element_size() for t in batch)
+
+def step_peak_bytes(learn:Learner, batch:tuple)->int:
+    "Peak of the memory allocated during one training step above its start (torch.profiler, per-op allocations)"
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: learn.one_batch(0, batch)
+    evs = sorted(prof.events(), key=lambda e: e.time_range.start)
+    return max(itertools.accumulate(e.self_cpu_memory_usage for e in evs), default=0)
+
+def _median_of(f, reps:int)->float:
+    f(); ts = []
+    for _ in range(reps):
+        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+    return median_ms(ts)
+
+def components(learn:Learner, x:Tensor, y:Tensor, reps:int)->dict:
+    "Median times of the parts of a CDS step beyond the plain one, each alone: every head, the contrastive losses, the hooks"
+    ds, cds = learn.model, learn.cds
+    with stage_hooks(ds.model, ds.stages) as hs: ds.model(x)
+    outs = [o.detach().requires_grad_() for o in hs.stored]
+    ids = contrastive_ids(y, 0)
+    def head(h, o): return lambda: h(o).float().pow(2).sum().backward()
+    zs = [h(o).detach().requires_grad_() for h,o in zip(ds.heads, outs)]
+    def supcon(): torch.stack([cds.contrastive(z, ids) for z in zs]).sum().backward()
+    def hooked():
+        with torch.no_grad(), stage_hooks(ds.model, ds.stages): ds.model(x)
+    def plain():
+        with torch.no_grad(): ds.model(x)
+    heads = {f'head on {s} ({tuple(o.shape[1:])})': _median_of(head(h, o), reps) for s,h,o in zip(ds.stages, ds.heads, outs)}
+    t_hooked, t_plain = [], []
+    for i in range(reps):  # interleaved: the difference is small
+        for f,ts in ((hooked, t_hooked), (plain, t_plain))[::(1 if i % 2 else -1)]:
+            t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+    return dict(heads=heads, contrastive=_median_of(supcon, reps), hooks=median_ms(t_hooked) - median_ms(t_plain))
+
+def bench_steps(name:str, make, size:int, n:int, reps:int, warmup:int, profile_top:int)->dict:
+    "Step time and memory of CDS on N vs plain on 2N and N, interleaved"
+    items = synthetic_items(4*n, size)
+    dls = image_dls(items, n)
+    set_seed(0)
+    learners = {'CDS (N, two views)': Learner(dls, make(), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(verbose=False)),
+                'plain 2N': Learner(dls, make(), loss_func=CrossEntropyLossFlat()),
+                'plain N': Learner(dls, make(), loss_func=CrossEntropyLossFlat())}
+    for l in learners.values(): start_training(l)
+    cds = learners['CDS (N, two views)']
+    x, y = next(iter(cds.dl))  # two views of N images: (2N, 3, h, w), (N,)
+    x, y = x.as_subclass(Tensor), y.as_subclass(Tensor)
+    batches = {'CDS (N, two views)': (x, y), 'plain 2N': (x, torch.cat([y, y])), 'plain N': (x[:n], y)}
+    names = list(learners)
+    times = {k: [] for k in names}
+    for r in range(warmup + reps):
+        for k in names[r % 3:] + names[:r % 3]:  # rotate the order every round
+            t = time.perf_counter(); learners[k].one_batch(r, batches[k]); dt = time.perf_counter() - t
+            if r >= warmup: times[k].append(dt)
+    med = {k: median_ms(v) for k,v in times.items()}
+    mem = {k: state_bytes(learners[k], batches[k]) + step_peak_bytes(learners[k], batches[k]) for k in names}
+    comp = components(cds, x, y, max(5, reps))
+    prof_rows = []
+    if profile_top:
+        for k in ('CDS (N, two views)', 'plain 2N'):
+            with profile(activities=[ProfilerActivity.CPU]) as prof: learners[k].one_batch(0, batches[k])
+            prof_rows.append((k, prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=profile_top)))
+    return dict(name=name, n=n, med=med, mem=mem, comp=comp, prof=prof_rows, cds=cds, plain=learners['plain N'], x=x)
+
+# ---------------------------------------------------------------- (b) two views
+class PILTwoViews(torch.utils.data.Dataset):
+    "Per-item PIL pipeline with the reference recipe: (view 1, view 2, label)"
+    def __init__(self, items:list, size:int):
+        import torchvision.transforms as T
+        self.ims, self.ys = [PIL.Image.fromarray(im) for im,_ in items], [y for _,y in items]
+        norm = [T.ToTensor(), T.Normalize(*STATS)]
+        self.v1 = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), *norm])
+        self.v2 = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.)), T.RandomHorizontalFlip(),
+                             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2), *norm])
+    def __len__(self): return len(self.ims)
+    def __getitem__(self, i): return self.v1(self.ims[i]), self.v2(self.ims[i]), self.ys[i]
+
+def images_per_s(batches, n_images:int, rounds:int)->float:
+    "Best of `rounds` passes over `batches()` (an iterator factory), in images per second"
+    best = math.inf
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _b in batches(): pass
+        best = min(best, time.perf_counter() - t)
+    return n_images/best
+
+def bench_views(size:int, bs:int, n_batches:int, rounds:int)->dict:
+    "Two-view throughput of our batch views and of the per-item PIL pipeline"
+    items = synthetic_items(bs*n_batches, size, seed=1)
+    dls = image_dls(items + items[:1], bs)  # item 0 is the validation set
+    tdl = dls.train.new(shuffle=False, drop_last=True)
+    vdl = two_view_dl(tdl, simclr_tfms())
+    raw = [b for b in tdl.new(after_batch=Pipeline([]))]  # collated uint8 batches, before any batch transform
+    tw = vdl.after_batch
+    res = {'ours: batch transform only (on the collated batch)': images_per_s(lambda: (tw(b) for b in raw), len(raw)*bs, rounds),
+           'ours: fastai DataLoader, 0 workers': images_per_s(lambda: iter(vdl), len(vdl)*bs, rounds)}
+    ds = PILTwoViews(items, size)
+    for nw in (0, 2):
+        dl = torch.utils.data.DataLoader(ds, batch_size=bs, num_workers=nw, drop_last=True, persistent_workers=nw > 0)
+        res[f'PIL per item, torch DataLoader, {nw} workers'] = images_per_s(lambda: iter(dl), len(dl)*bs, rounds)
+    b = tuple(raw[0])
+    per_tfm = []
+    for view, pipe in (('view 1', tw.fs[0].view1), ('view 2', tw.fs[0].view2)):
+        cur = b
+        for f in pipe.fs:
+            per_tfm.append((view, type(f).__name__, _median_of(lambda: f(cur, split_idx=0), rounds)))
+            cur = f(cur, split_idx=0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof: tw(raw[0])
+    return res, per_tfm, prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=10)
+
+# ---------------------------------------------------------------- (c) export
+def bench_export(r:dict, reps:int)->dict:
+    "Exported CDS learner vs exported plain learner: parameters, file size, latency of a forward on N images"
+    d = Path(tempfile.mkdtemp())
+    r['cds'].export(d/'cds.pkl'); r['plain'].export(d/'plain.pkl')
+    ms = {k: load_learner(d/f'{k}.pkl').model.eval() for k in ('cds', 'plain')}
+    x = r['x'][:r['n']]
+    times = {k: [] for k in ms}
+    with torch.no_grad():
+        for k in ms: ms[k](x)
+        for i in range(reps):
+            for k in (('cds', 'plain') if i % 2 else ('plain', 'cds')):
+                t = time.perf_counter(); ms[k](x); times[k].append(time.perf_counter() - t)
+    return dict(params={k: sum(p.numel() for p in m.parameters()) for k,m in ms.items()},
+                size={k: (d/f'{k}.pkl').stat().st_size for k in ms}, lat={k: median_ms(v) for k,v in times.items()},
+                train_params=sum(p.numel() for p in r['cds'].model.parameters()))
+
+# ---------------------------------------------------------------- report
+def ok(v:bool)->str: return 'yes' if v else '**no**'
+
+@call_parse
+def main(
+    n:int=32, # images per step (CDS makes 2N views of them)
+    reps:int=10, # measured steps (or forwards) per variant, after the warm-up
+    warmup:int=2, # unmeasured rounds first
+    threads:int=1, # torch intra-op threads
+    view_bs:int=256, # batch size of the two-view throughput test
+    view_batches:int=8, # batches per pass of the throughput test
+    rounds:int=3, # passes of the throughput test (the best counts)
+    profile_top:int=12, # rows of the torch.profiler op table for the CDS and plain-2N steps (0: none)
+    models:str='', # comma-separated subset of: cifar, imagenet (default: both)
+):
+    "Print markdown tables of the cost of CDS: step time, memory, view throughput, export"
+    warnings.filterwarnings('ignore')
+    torch.set_num_threads(threads)
+    sel = [k for k,flag in zip(MODELS, ('cifar', 'imagenet')) if not models or flag in models.split(',')]
+    print(f"machine: CPU, {os.cpu_count()} cores shared with other work, {torch.get_num_threads()} torch thread(s), "
+          f"torch {torch.__version__}; medians of {reps} interleaved steps after {warmup} warm-up rounds\n")
+    results = [bench_steps(k, *MODELS[k], n, reps, warmup, profile_top) for k in sel]
+
+    print("### (a) training step: CDS vs plain\n")
+    print("| model | CDS step ms | plain 2N ms | plain N ms | CDS / plain 2N (goal <= 1.03) | CDS / plain N | peak memory CDS / plain 2N (goal <= 1.15) | CDS / plain N |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        m, mem = r['med'], r['mem']
+        c, p2, p1 = m['CDS (N, two views)'], m['plain 2N'], m['plain N']
+        mc, m2, m1 = mem['CDS (N, two views)'], mem['plain 2N'], mem['plain N']
+        print(f"| {r['name']}, N={r['n']} | {c:.0f} | {p2:.0f} | {p1:.0f} | {c/p2:.3f} ({ok(c/p2 <= 1.03)}) | {c/p1:.2f} | "
+              f"{mc/m2:.3f} ({ok(mc/m2 <= 1.15)}; {mc/2**20:.0f} / {m2/2**20:.0f} MiB) | {mc/m1:.2f} |")
+    print("\nPeak memory = parameters + gradients + optimizer state + batch + the peak of torch.profiler's per-op CPU "
+          "allocations during one step (`profile_memory=True`).\n")
+    print("Where the CDS step's time beyond the plain-2N floor goes (each part timed alone on the 2N views; heads and "
+          "losses forward + backward, hooks on a no-grad forward):\n")
+    print("| model | CDS - plain 2N ms | heads ms (each) | contrastive losses ms | stage hooks ms | rest ms |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        extra = r['med']['CDS (N, two views)'] - r['med']['plain 2N']
+        c = r['comp']; h = sum(c['heads'].values())
+        each = ', '.join(f"{v:.0f}" for v in c['heads'].values())
+        print(f"| {r['name']} | {extra:.0f} | {h:.0f} ({each}) | {c['contrastive']:.1f} | {c['hooks']:.1f} | {extra-h-c['contrastive']-c['hooks']:.0f} |")
+    print("\nThe heads, in stage order: " + '; '.join(f"{r['name']}: " + ', '.join(r['comp']['heads']) for r in results))
+    for r in results:
+        for k, tab in r['prof']:
+            print(f"\ntorch.profiler, one step of {k}, {r['name']} (top ops by self CPU time):\n```\n{tab}\n```")
+
+    print("\n### (b) two-view augmentation throughput (32x32 RGB, both views, normalised)\n")
+    v, per_tfm, tab = bench_views(32, view_bs, view_batches, rounds)
+    pil = max(val for k,val in v.items() if k.startswith('PIL'))
+    print(f"| pipeline (batch {view_bs}) | images/s | vs best PIL (goal >= 5x) |\n|---|---|---|")
+    for k,val in v.items(): print(f"| {k} | {val:,.0f} | {val/pil:.2f}x |")
+    print(f"\nWhere our views' time goes: each batch transform alone on a batch of {view_bs} (ms, median):\n")
+    print("| view | transform | ms |\n|---|---|---|")
+    for view, nm, ms in per_tfm: print(f"| {view} | {nm} | {ms:.1f} |")
+    print(f"\ntorch.profiler, the two-view batch transform (top ops by self CPU time):\n```\n{tab}\n```")
+
+    print("\n### (c) exported CDS learner vs exported plain learner\n")
+    print("| model | params (CDS export / plain) | params while training CDS | file size ratio | inference latency ratio (goal 1.00 ± 0.02) |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        e = bench_export(r, max(reps, 20))
+        lat = e['lat']['cds']/e['lat']['plain']
+        print(f"| {r['name']}, N={r['n']} | {e['params']['cds']:,} / {e['params']['plain']:,} | {e['train_params']:,} | "
+              f"{e['size']['cds']/e['size']['plain']:.4f} | {lat:.3f} ({e['lat']['cds']:.1f} / {e['lat']['plain']:.1f} ms; {ok(abs(lat-1) <= 0.02)}) |")

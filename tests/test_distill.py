@@ -1,0 +1,560 @@
+"""Tests of `fastai_cds.distill`: `CDSCallback(teacher=...)` (contrastive deep distillation, paper eqs. 8-9) and
+`KDCallback` inside real fastai training loops, against hand computations; the frozen teacher; adapters; export of the
+student in a process where fastai_cds cannot be imported; a teacher loaded from a file in a fresh process."""
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle)
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.progress import ProgressCallback
+from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.transforms import IndexSplitter, ItemGetter, Normalize
+from fastai.layers import ConvLayer, Flatten
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import set_seed
+from fastai.vision.augment import Resize
+from fastai.vision.core import PILImageBW
+from fastai.vision.data import ImageBlock
+
+from fastai_cds.callback import CDSCallback
+from fastai_cds.data import digits_items
+from fastai_cds.distill import Distiller, KDCallback, Teacher, load_teacher
+from fastai_cds.export import DeepSupervisionModel
+
+T_WIDTHS, S_WIDTHS = (16, 32, 64), (8, 16, 32)  # teacher / student stage widths: every adapter is a Linear(32, 64)
+
+
+# ---------------------------------------------------------------- helpers
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    "Tiny models on a 2-core machine: one intra-op thread is several times faster (no spinning threads)"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_dls(n_train=64, n_valid=16, size=16, bs=16):
+    "Digits DataLoaders with exactly `n_train`/`n_valid` items, Normalize as the only batch transform (fast, picklable)"
+    items = digits_items(1)[0][:n_train + n_valid]
+    db = DataBlock(blocks=(ImageBlock(cls=PILImageBW), CategoryBlock), getters=[ItemGetter(0), ItemGetter(1)], n_inp=1,
+                   splitter=IndexSplitter(list(range(n_train, n_train + n_valid))), item_tfms=Resize(size),
+                   batch_tfms=[Normalize.from_stats([0.3], [0.35], cuda=False)])
+    return db.dataloaders(items, bs=bs, num_workers=0, drop_last=True, device='cpu')
+
+
+def cnn(widths):
+    "Three stride-2 ConvLayers (stages '0', '1', '2'), pool, linear: an nn.Sequential picklable by reference"
+    a, b, c = widths
+    return nn.Sequential(ConvLayer(1, a, stride=2), ConvLayer(a, b, stride=2), ConvLayer(b, c, stride=2),
+                         nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(c, 10))
+
+
+def no_bar(learn):
+    learn.remove_cb(ProgressCallback)
+    return learn
+
+
+def teacher_learner(dls=None, path='.'):
+    "The teacher's Learner: a wider CNN with CDS heads (rebuilt identically in the fresh process)"
+    return no_bar(Learner(dls if dls is not None else make_dls(), cnn(T_WIDTHS), loss_func=CrossEntropyLossFlat(),
+                          cbs=CDSCallback(verbose=False), path=path))
+
+
+def student_learner(cbs, widths=S_WIDTHS, dls=None):
+    return no_bar(Learner(dls if dls is not None else make_dls(), cnn(widths), loss_func=CrossEntropyLossFlat(), cbs=cbs))
+
+
+class Spy(Callback):
+    "Run plain functions (no arguments) at some events, at a chosen `order`"
+    def __init__(self, order=0, **events):
+        self.order = order
+        for k, f in events.items(): object.__setattr__(self, k, f)
+
+
+def stop():
+    raise CancelFitException()
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def is_bn(m):
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def ref_supcon(z, ids, temperature=0.07):
+    "SupCon in float64, anchor by anchor; `ids` (N,) of the first N rows, repeated for the second N"
+    z = z.double()
+    ids = ids.tolist() * 2
+    sim = z @ z.T / temperature
+    total = 0.
+    for i in range(len(ids)):
+        others = [k for k in range(len(ids)) if k != i]
+        log_den = torch.logsumexp(sim[i, others], 0)
+        pos = [k for k in others if ids[k] == ids[i]]
+        total = total - sum(sim[i, k] - log_den for k in pos) / len(pos)
+    return total / len(ids)
+
+
+def ref_distance(s, t, squared):
+    "Reference code: the Euclidean norm of the whole (B, d) difference; paper: mean over rows of the squared distance"
+    d = (t.double() - s.double())
+    return (d ** 2).sum(1).mean() if squared else (d ** 2).sum().sqrt()
+
+
+def ref_soft(s, t, T, kl):
+    "Soft cross-entropy -sum p_t log p_s (reference code), or KL(p_t || p_s) x T^2 (Hinton); mean over the batch"
+    ls, pt = F.log_softmax(s.double() / T, 1), F.softmax(t.double() / T, 1)
+    return (pt * (pt.log() - ls)).sum(1).mean() * T * T if kl else -(pt * ls).sum(1).mean()
+
+
+def apply_adapter(a, s):
+    "An adapter by hand: Linear -> s W^T + b, Identity -> s"
+    if isinstance(a, nn.Linear): return s.double() @ a.weight.detach().double().T + a.bias.detach().double()
+    assert isinstance(a, nn.Identity)
+    return s.double()
+
+
+class Capture:
+    "Forward hooks storing the last output (and input) of modules: cleared by `remove`"
+    def __init__(self):
+        self.hs, self.out, self.inp, self.state = [], {}, {}, {}
+    def add(self, name, module):
+        def f(m, i, o):
+            self.out[name] = o.detach().as_subclass(torch.Tensor).double().clone()
+            self.inp[name] = i[0].detach().as_subclass(torch.Tensor).clone()
+            self.state[name] = (m.training, torch.is_grad_enabled())
+        self.hs.append(module.register_forward_hook(f))
+    def remove(self):
+        for h in self.hs: h.remove()
+
+
+def capture_model(cap, prefix, ds):
+    "Hooks on a DeepSupervisionModel's plain model, its stages, its heads and a BatchNorm"
+    cap.add(f'{prefix}_out', ds.model)
+    for k, (name, h) in enumerate(zip(ds.stages, ds.heads)):
+        cap.add(f'{prefix}_stage{k}', ds.model.get_submodule(name))
+        cap.add(f'{prefix}_head{k}', h)
+    cap.add(f'{prefix}_bn', next(m for m in ds.model.modules() if is_bn(m)))
+
+
+def run_one_batch(learn, teacher_ds):
+    "One training batch of a distilling student; everything the hand computation needs"
+    cap = Capture()
+    capture_model(cap, 's', learn.model)
+    capture_model(cap, 't', teacher_ds)
+    got = {}
+    learn.add_cbs([Spy(-10, before_batch=lambda: got.update(y=learn.y.as_subclass(torch.Tensor).clone())),
+                   Spy(100, after_loss=lambda: got.update(loss=learn.loss_grad.detach().double(),
+                                                          aux=copy.deepcopy(learn.model.aux)),
+                       after_batch=stop)])
+    try: learn.fit(1)
+    finally: cap.remove()
+    return cap, got
+
+
+def expected_loss(cap, got, n_heads, emb_weight=0.1, logit_weight=1., T=3., squared=False, kl=False, features='heads',
+                  idx=None):
+    "CE(view 1) + 0.1 sum_h SupCon + emb_weight sum_h dist(t_idx(h), A_h(s_h)) + logit_weight soft(s view 1, t view 1)"
+    y = got['y']
+    n = len(y)
+    idx = idx if idx is not None else list(range(n_heads))
+    feat = (lambda p, k: cap.out[f'{p}_head{k}']) if features == 'heads' else (lambda p, k: cap.out[f'{p}_stage{k}'].mean((2, 3)))
+    ce = F.cross_entropy(cap.out['s_out'][:n], y)
+    contra = [ref_supcon(cap.out[f's_head{k}'], y) for k in range(n_heads)]
+    emb = [ref_distance(apply_adapter(got['aux'][k], feat('s', k)), feat('t', i), squared) for k, i in enumerate(idx)]
+    kd = ref_soft(cap.out['s_out'][:n], cap.out['t_out'][:n], T, kl)
+    total = ce + 0.1 * sum(contra) + emb_weight * sum(emb) + logit_weight * kd
+    return total, dict(ce=ce, kd=kd, **{f'contra_{k}': c for k, c in enumerate(contra)}, **{f'emb_{k}': e for k, e in enumerate(emb)})
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    "A CDS teacher trained one epoch (non-trivial BN statistics), saved with `learn.save`; its grads cleared"
+    d = tmp_path_factory.mktemp("teacher")
+    set_seed(0)
+    t = teacher_learner(path=d)
+    with t.no_logging(): t.fit(1, 1e-2)
+    t.save('teacher')
+    for p in t.model.parameters(): p.grad = None  # fastai's zero_grad leaves zero tensors; the student's fit must add none
+    return t
+
+
+# ---------------------------------------------------------------- 1. the loss, switch by switch
+CASES = {
+    'reference': (lambda t: t, dict()),
+    'paper': (lambda t: Distiller.paper(t), dict(squared=True, kl=True)),
+    'imagenet': (lambda t: Distiller.imagenet(t), dict(emb_weight=0.5, logit_weight=0.5, T=1.)),
+    'stages': (lambda t: Distiller(t, features='stages'), dict(features='stages')),
+    'custom': (lambda t: Distiller(t, emb_weight=0.3, logit_weight=2., T=2., squared=True), dict(emb_weight=0.3, logit_weight=2., T=2., squared=True)),
+}
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_student_loss_equals_hand_computation(teacher, case):
+    make, kw = CASES[case]
+    set_seed(1)
+    learn = student_learner(CDSCallback(teacher=make(teacher), verbose=False))
+    aux = learn.model.aux
+    if case == 'stages':  # pooled raw stage outputs: widths 8/16/32 -> 16/32/64
+        assert [(a.in_features, a.out_features) for a in aux] == list(zip(S_WIDTHS, T_WIDTHS))
+    else:  # head embeddings: the final width, 32 -> 64
+        assert [(a.in_features, a.out_features) for a in aux] == [(32, 64)] * 3
+    cap, got = run_one_batch(learn, teacher.model)
+    n = len(got['y'])
+    assert cap.inp['s_out'].shape[0] == 2 * n == 32
+    torch.testing.assert_close(cap.inp['t_out'], cap.inp['s_out'])  # the teacher saw both views the student saw
+    exp, terms = expected_loss(cap, got, 3, **kw)
+    torch.testing.assert_close(got['loss'], exp, rtol=1e-5, atol=1e-4)
+    # every term is recorded, unweighted, under its own name
+    hist = learn.loss_terms.history
+    assert set(hist) == {'ce', 'contra_0', 'contra_1', 'contra_2', 'emb_0', 'emb_1', 'emb_2', 'kd'}
+    for k, v in terms.items():
+        assert len(hist[k]) == 1
+        assert abs(float(hist[k][0]) - v.item()) < 1e-4 * max(1., abs(v.item())), k
+    # the switches really change the numbers on this batch (a formula that ignored them would not pass every case)
+    if case == 'reference':
+        s0 = apply_adapter(got['aux'][0], cap.out['s_head0'])
+        assert abs(ref_distance(s0, cap.out['t_head0'], True).item() - terms['emb_0'].item()) > 1e-2
+        assert abs(ref_soft(cap.out['s_out'][:n], cap.out['t_out'][:n], 3., True).item() - terms['kd'].item()) > 1e-2
+
+
+def test_identity_adapters_when_widths_match(teacher):
+    "A student as wide as the teacher gets no Linear adapter: the distance is taken directly"
+    set_seed(1)
+    learn = student_learner(CDSCallback(teacher=teacher, verbose=False), widths=T_WIDTHS)
+    assert all(isinstance(a, nn.Identity) for a in learn.model.aux) and not list(learn.model.aux.parameters())
+    cap, got = run_one_batch(learn, teacher.model)
+    exp, _ = expected_loss(cap, got, 3)
+    torch.testing.assert_close(got['loss'], exp, rtol=1e-5, atol=1e-4)
+
+
+def test_teacher_heads_mapping(teacher):
+    "Two student heads on stages '1', '2', matched to teacher heads 2 and 0 by `teacher_heads`"
+    set_seed(1)
+    learn = student_learner(CDSCallback(teacher=Distiller(teacher, teacher_heads=[2, 0]), layers=['1', '2'], verbose=False))
+    assert learn.model.stages == ['1', '2'] and len(learn.model.aux) == 2
+    cap, got = run_one_batch(learn, teacher.model)
+    exp, terms = expected_loss(cap, got, 2, idx=[2, 0])
+    torch.testing.assert_close(got['loss'], exp, rtol=1e-5, atol=1e-4)
+    # not the one-to-one match
+    assert abs(ref_distance(apply_adapter(got['aux'][0], cap.out['s_head0']), cap.out['t_head0'], False).item()
+               - terms['emb_0'].item()) > 1e-3
+
+
+class CPUAutocast(Callback):
+    "bf16 autocast around forward and loss on CPU (fastai's MixedPrecision uses autocast('cuda'), a no-op here)"
+    order = 10
+    def before_batch(self):
+        self.ctx = torch.autocast('cpu', dtype=torch.bfloat16)
+        self.ctx.__enter__()
+    def after_loss(self): self.ctx.__exit__(None, None, None)
+
+
+def test_one_batch_under_cpu_bf16_autocast(teacher):
+    "The teacher runs inside the student's autocast; the distillation terms come out in fp32, close to the fp64 reference"
+    set_seed(1)
+    learn = student_learner(CDSCallback(teacher=teacher, verbose=False))
+    learn.add_cb(CPUAutocast())
+    dtypes = {}
+    h = teacher.model.heads[0][0].register_forward_hook(lambda m, i, o: dtypes.update(t=o.dtype))
+    try: cap, got = run_one_batch(learn, teacher.model)
+    finally: h.remove()
+    assert dtypes['t'] == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in learn.loss_terms.history['emb_0'] + learn.loss_terms.history['kd'])
+    exp, _ = expected_loss(cap, got, 3)
+    assert torch.isfinite(got['loss']) and abs(got['loss'].item() - exp.item()) < 2e-2 * exp.item()
+
+
+def cds_plus_kdcallback():
+    "One batch of CDSCallback() with KDCallback(teacher) (a teacher without heads): CE + 0.1 sum SupCon + soft CE on view 1"
+    set_seed(0)
+    t = cnn(T_WIDTHS)
+    learn = student_learner([CDSCallback(verbose=False), KDCallback(t)])
+    cap = Capture()
+    capture_model(cap, 's', learn.model)
+    cap.add('t_out', t)
+    got = {}
+    learn.add_cbs([Spy(-10, before_batch=lambda: got.update(y=learn.y.as_subclass(torch.Tensor).clone())),
+                   Spy(100, after_loss=lambda: got.update(loss=learn.loss_grad.detach().double()), after_batch=stop)])
+    try: learn.fit(1)
+    finally: cap.remove()
+    y = got['y']
+    n = len(y)
+    torch.testing.assert_close(cap.inp['t_out'], cap.inp['s_out'][:n])  # the teacher saw view 1
+    ce = F.cross_entropy(cap.out['s_out'][:n], y)
+    contra = sum(ref_supcon(cap.out[f's_head{k}'], y) for k in range(3))
+    kd = ref_soft(cap.out['s_out'][:n], cap.out['t_out'], 3., False)
+    torch.testing.assert_close(got['loss'], ce + 0.1 * contra + kd, rtol=1e-5, atol=1e-4)
+    got['ce'], got['learn'] = ce, learn
+    return got
+
+
+def test_cds_plus_kdcallback_loss():
+    cds_plus_kdcallback()
+
+
+def test_cds_plus_kdcallback_records_the_plain_ce():
+    got = cds_plus_kdcallback()
+    hist = got['learn'].loss_terms.history
+    assert len(hist['ce']) == 1
+    assert abs(float(hist['ce'][0]) - got['ce'].item()) < 1e-4
+
+
+# ---------------------------------------------------------------- 2. the frozen teacher
+def test_teacher_runs_in_eval_mode_without_grad(teacher):
+    set_seed(1)
+    learn = student_learner(CDSCallback(teacher=teacher, verbose=False))
+    cap, _ = run_one_batch(learn, teacher.model)
+    assert cap.state['t_bn'] == (False, False)  # eval mode, no_grad
+    assert cap.state['s_bn'] == (True, True)
+
+
+def test_teacher_bn_train_mode_updates_statistics_but_not_weights(teacher):
+    "teacher_bn_train=True (reference code): BN in train mode, running statistics change; weights don't, no gradient"
+    t = copy.deepcopy(teacher.model)
+    modes = [m.training for m in t.modules()]
+    set_seed(1)
+    learn = student_learner(CDSCallback(teacher=Distiller(t, teacher_bn_train=True), verbose=False))
+    before = snapshot(t)
+    cap, _ = run_one_batch(learn, t)
+    assert cap.state['t_bn'] == (True, False)
+    after = snapshot(t)
+    stats = [k for k in before if k.endswith('running_mean') or k.endswith('running_var')]
+    assert stats and any(not torch.equal(before[k], after[k]) for k in stats)
+    params = {k for k, _ in t.named_parameters()}
+    assert all(torch.equal(before[k], after[k]) for k in params)
+    assert all(p.grad is None for p in t.parameters())
+    assert [m.training for m in t.modules()] == modes  # its own modes back
+
+
+def test_creating_a_student_leaves_a_bn_train_teacher_unchanged(teacher):
+    t = copy.deepcopy(teacher.model)
+    before = snapshot(t)
+    student_learner(CDSCallback(teacher=Distiller(t, teacher_bn_train=True), verbose=False))
+    after = snapshot(t)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+
+
+# ---------------------------------------------------------------- 3. a full student fit, export, fresh processes
+CHILD_EXPORT = textwrap.dedent("""
+    import sys
+    sys.modules['fastai_cds'] = None  # before anything: fastai_cds cannot be imported in this process
+    import json, warnings
+    warnings.filterwarnings('ignore')
+    try:
+        import fastai_cds
+        blocked = False
+    except ImportError:
+        blocked = True
+    import torch
+    from fastai.learner import load_learner
+    d = sys.argv[1]
+    x = torch.load(f'{d}/x.pt')
+    res, out = {'blocked': blocked}, {}
+    for kind in sys.argv[2:]:
+        learn = load_learner(f'{d}/{kind}.pkl')
+        m = learn.model.eval()
+        with torch.no_grad():
+            out[kind] = m(x)
+        res[kind] = {'keys': list(m.state_dict()), 'model_type': type(m).__module__ + '.' + type(m).__qualname__,
+                     'cbs': [type(cb).__module__ + '.' + type(cb).__qualname__ for cb in learn.cbs]}
+    res['loaded_cds_modules'] = [k for k, v in sys.modules.items() if k.startswith('fastai_cds') and v is not None]
+    torch.save(out, f'{d}/out.pt')
+    json.dump(res, open(f'{d}/res.json', 'w'))
+""")
+
+CHILD_TEACHER = textwrap.dedent("""
+    import sys, importlib.util, warnings
+    warnings.filterwarnings('ignore')
+    import torch
+    torch.set_num_threads(1)
+    from fastai_cds.distill import Teacher, load_teacher
+    d, test_file = sys.argv[1], sys.argv[2]
+    spec = importlib.util.spec_from_file_location('test_distill_child', test_file)
+    td = importlib.util.module_from_spec(spec); spec.loader.exec_module(td)
+    x = torch.load(f'{d}/x.pt')
+    learn = load_teacher(lambda: td.teacher_learner(path=d), 'teacher')
+    logits, heads, _ = Teacher(learn)(x, heads=True)
+    fresh, fresh_heads, _ = Teacher(td.teacher_learner(path=d))(x, heads=True)  # the same Learner, not loaded
+    torch.save({'logits': logits, 'heads': heads, 'fresh_heads': fresh_heads}, f'{d}/teacher_out.pt')
+""")
+
+
+@pytest.fixture(scope="module")
+def fitted(teacher, tmp_path_factory):
+    """Fit a CDS+KD student and a KD student one epoch each; export both; load them in a process without fastai_cds
+    and the teacher (`load_teacher`) in another, both fresh, in parallel"""
+    d = Path(teacher.path)
+    t_before, t_modes = snapshot(teacher.model), [m.training for m in teacher.model.modules()]
+    set_seed(2)
+    cds = student_learner(CDSCallback(teacher=teacher, verbose=False))
+    aux_before = snapshot(cds.model.aux)
+    with cds.no_logging(): cds.fit(1, 1e-2)
+    kd = student_learner(KDCallback(teacher))
+    with kd.no_logging(): kd.fit(1, 1e-2)
+    x = make_dls().valid.one_batch()[0].as_subclass(torch.Tensor).clone()
+    torch.save(x, d / 'x.pt')
+    preds = {}
+    for kind, learn in (('cds', cds), ('kd', kd)):
+        learn.export(d / f'{kind}.pkl')
+        plain = learn.model.model if isinstance(learn.model, DeepSupervisionModel) else learn.model
+        plain.eval()
+        with torch.no_grad(): preds[kind] = plain(x)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    procs = [subprocess.Popen([sys.executable, '-c', CHILD_EXPORT, str(d), 'cds', 'kd'], env=env, stderr=subprocess.PIPE, text=True),
+             subprocess.Popen([sys.executable, '-c', CHILD_TEACHER, str(d), __file__], env=env, stderr=subprocess.PIPE, text=True)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    for p, e in zip(procs, errs): assert p.returncode == 0, e[-4000:]
+    return dict(dir=d, cds=cds, kd=kd, x=x, preds=preds, t_before=t_before, t_modes=t_modes, aux_before=aux_before,
+                res=json.load(open(d / 'res.json')), out=torch.load(d / 'out.pt'), t_out=torch.load(d / 'teacher_out.pt'))
+
+
+def test_teacher_unchanged_and_without_gradient_after_student_fits(teacher, fitted):
+    after = snapshot(teacher.model)
+    assert after.keys() == fitted['t_before'].keys()
+    for k, v in fitted['t_before'].items():  # weights, heads and BN running statistics (and their counters)
+        assert torch.equal(v, after[k]), k
+    assert any('running_mean' in k for k in after)
+    assert all(p.grad is None for p in teacher.model.parameters())
+    assert [m.training for m in teacher.model.modules()] == fitted['t_modes']
+
+
+def test_student_fits_and_records_every_term(fitted):
+    for kind, names in (('cds', ['ce', 'contra_0', 'contra_1', 'contra_2', 'emb_0', 'emb_1', 'emb_2', 'kd']), ('kd', ['ce', 'kd'])):
+        rec = fitted[kind].recorder
+        assert list(rec.metric_names[3:-1]) == names
+        assert all(torch.isfinite(torch.tensor(v)) for v in rec.values[-1])
+        assert len(fitted[kind].loss_terms.history['kd']) == 4  # 64 items / bs 16
+
+
+def test_adapters_are_trained_and_in_the_optimizer(fitted):
+    learn = fitted['cds']
+    aux = learn.model.aux
+    assert len(aux) == 3 and all(isinstance(a, nn.Linear) for a in aux)
+    after = snapshot(aux)
+    assert all(not torch.equal(v, after[k]) for k, v in fitted['aux_before'].items()), "an adapter did not train"
+    opt_ids = {id(p) for pg in learn.opt.param_groups for p in pg['params']}
+    assert all(id(p) in opt_ids for p in aux.parameters())
+    assert any(learn.opt.state[p] for p in aux.parameters())
+
+
+def test_export_in_a_process_without_fastai_cds(teacher, fitted):
+    res, out = fitted['res'], fitted['out']
+    assert res['blocked'] and res['loaded_cds_modules'] == []
+    for kind in ('cds', 'kd'):
+        assert res[kind]['keys'] == list(cnn(S_WIDTHS).state_dict()), "not the student's plain state_dict"
+        assert res[kind]['model_type'] == 'torch.nn.modules.container.Sequential'
+        assert not any(c.startswith('fastai_cds') for c in res[kind]['cbs'])
+        torch.testing.assert_close(out[kind], fitted['preds'][kind], atol=1e-5, rtol=0)
+        assert fitted['preds'][kind].std(0).sum() > 0
+        raw = open(fitted['dir'] / f'{kind}.pkl', 'rb').read()
+        with zipfile.ZipFile(fitted['dir'] / f'{kind}.pkl') as z:
+            members = b''.join(z.read(n) for n in z.namelist())
+        assert b'fastai_cds' not in raw and b'fastai_cds' not in members
+        # no teacher, adapter or head inside: none of their weights is in the file
+        tm = teacher.model
+        for w in (tm.model[0][0].weight, tm.model[2][0].weight, next(tm.heads[0].parameters())):
+            assert w.detach().numpy().tobytes() not in members
+        if kind == 'cds':
+            for w in (fitted['cds'].model.aux[0].weight, next(fitted['cds'].model.heads[0].parameters())):
+                assert w.detach().numpy().tobytes() not in members
+    # the in-memory student keeps its heads, adapters and teacher
+    assert isinstance(fitted['cds'].model, DeepSupervisionModel) and fitted['cds'].model.aux is not None
+
+
+def test_teacher_from_file_in_a_fresh_process(teacher, fitted):
+    x, t_out = fitted['x'], fitted['t_out']
+    logits, heads, _ = Teacher(teacher)(x, heads=True)
+    assert len(t_out['heads']) == len(heads) == 3
+    torch.testing.assert_close(t_out['logits'], logits, atol=1e-5, rtol=1e-5)
+    for a, b, f in zip(t_out['heads'], heads, t_out['fresh_heads']):
+        assert a.shape == b.shape == (len(x), 64)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(f, b, atol=1e-3)  # a meaningful comparison: an untrained teacher differs
+
+
+# ---------------------------------------------------------------- 4. errors
+def test_head_count_mismatch_names_both_lists(teacher):
+    with pytest.raises(ValueError, match=re.escape("2 heads ['1', '2'] and the teacher 3 ['0', '1', '2']")):
+        student_learner(CDSCallback(teacher=teacher, layers=['1', '2'], verbose=False))
+    with pytest.raises(ValueError, match=r"teacher_heads=\[0\] must give one teacher head \(0..2\) for each of the 2"):
+        student_learner(CDSCallback(teacher=Distiller(teacher, teacher_heads=[0]), layers=['1', '2'], verbose=False))
+    with pytest.raises(ValueError, match=r"teacher_heads=\[0, 3\]"):
+        student_learner(CDSCallback(teacher=Distiller(teacher, teacher_heads=[0, 3]), layers=['1', '2'], verbose=False))
+
+
+def test_teacher_without_heads_is_rejected():
+    plain = no_bar(Learner(make_dls(), cnn(T_WIDTHS), loss_func=CrossEntropyLossFlat()))
+    for make in (lambda: CDSCallback(teacher=plain), lambda: Distiller(plain.model), lambda: Distiller.paper(plain)):
+        with pytest.raises(ValueError, match='no CDS heads.*CDSCallback'): make()
+    with pytest.raises(ValueError, match='no CDS heads'): load_teacher(lambda: plain, 'teacher')
+    KDCallback(plain)  # logit distillation needs no heads
+
+
+@pytest.mark.parametrize('make,match', [
+    (lambda t: Distiller(t, features='pixels'), "features must be 'heads' or 'stages'"),
+    (lambda t: Distiller(t, emb_weight=-1), 'weights must be >= 0'),
+    (lambda t: Distiller(t, T=0), 'T must be > 0'),
+    (lambda t: KDCallback(t, T=0), 'T must be > 0'),
+    (lambda t: KDCallback(t, weight=-0.5), 'weight must be >= 0'),
+])
+def test_bad_arguments(teacher, make, match):
+    with pytest.raises(ValueError, match=match): make(teacher)
+
+
+# ---------------------------------------------------------------- 5. KDCallback
+@pytest.mark.parametrize('kw,ref', [(dict(), dict(T=3., kl=False, weight=1.)),
+                                    (dict(T=2., weight=0.5, kl=True), dict(T=2., kl=True, weight=0.5))])
+def test_kd_loss_equals_hand_computation(teacher, kw, ref):
+    set_seed(1)
+    learn = student_learner(KDCallback(teacher, **kw))
+    cap = Capture()
+    cap.add('s_out', learn.model)
+    cap.add('t_out', teacher.model.model)
+    cap.add('t_bn', next(m for m in teacher.model.modules() if is_bn(m)))
+    got = {}
+    learn.add_cbs([Spy(-10, before_batch=lambda: got.update(y=learn.y.as_subclass(torch.Tensor).clone())),
+                   Spy(100, after_loss=lambda: got.update(loss=learn.loss_grad.detach().double()), after_batch=stop)])
+    try: learn.fit(1)
+    finally: cap.remove()
+    y, s, t = got['y'], cap.out['s_out'], cap.out['t_out']
+    assert s.shape == t.shape == (16, 10)
+    torch.testing.assert_close(cap.inp['t_out'], cap.inp['s_out'])
+    assert cap.state['t_bn'] == (False, False)
+    ce, kd = F.cross_entropy(s, y), ref_soft(s, t, ref['T'], ref['kl'])
+    torch.testing.assert_close(got['loss'], ce + ref['weight'] * kd, rtol=1e-5, atol=1e-5)
+    hist = learn.loss_terms.history
+    assert abs(float(hist['kd'][0]) - kd.item()) < 1e-5 and abs(float(hist['ce'][0]) - ce.item()) < 1e-5
+    assert 'kd' in learn.recorder.metric_names
+
+
+def test_kd_teacher_can_be_any_module_and_validation_is_plain(teacher):
+    "A plain nn.Module teacher; no teacher call and the plain loss during validation"
+    t = copy.deepcopy(teacher.model.model)
+    calls = [0]
+    h = t.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    learn = student_learner(KDCallback(t))
+    learn.add_cb(Spy(100, before_validate=lambda: calls.__setitem__(0, -calls[0])))
+    with learn.no_logging(): learn.fit(1, 1e-3)
+    h.remove()
+    assert calls[0] == -4  # one teacher call per training batch, none while validating
+    vloss = learn.validate()[0]
+    learn.model.eval()
+    with torch.no_grad():
+        ref = sum(F.cross_entropy(learn.model(xb), yb.as_subclass(torch.Tensor), reduction='sum').item() for xb, yb in learn.dls.valid)
+    assert abs(vloss - ref / 16) < 1e-5

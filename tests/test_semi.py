@@ -1,0 +1,395 @@
+"""Tests of `fastai_cds.semi` and `CDSCallback(unlabelled=...)` (semi-supervised CDS, paper eq. 6) inside real fastai
+training loops: the mixed loss against a hand computation, no use of unlabelled labels, the unlabelled loader's cycle,
+BatchNorm over both, untouched validation, a clean export, errors at fit start; `split_labelled` on any DataLoaders."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.progress import ProgressCallback
+from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.core import Datasets
+from fastai.data.transforms import Categorize, IndexSplitter, IntToFloatTensor, ItemGetter, Normalize, ToTensor
+from fastai.layers import ConvLayer, Flatten
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import set_seed
+from fastai.vision.augment import Resize
+from fastai.vision.core import PILImage, PILImageBW
+from fastai.vision.data import ImageBlock
+
+from fastai_cds.callback import CDSCallback
+from fastai_cds.data import digits_items
+from fastai_cds.semi import UnlabelledViews, contrastive_ids, split_labelled
+
+MEAN, STD = 0.3, 0.35
+
+
+# ---------------------------------------------------------------- helpers
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    "Tiny models on a 2-core machine: one intra-op thread is several times faster (no spinning threads)"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def block(n_channels=1, labels=True, size=16, splitter=None):
+    img = ImageBlock(cls=PILImageBW if n_channels == 1 else PILImage)
+    blocks, getters = ((img, CategoryBlock), [ItemGetter(0), ItemGetter(1)]) if labels else ((img,), [ItemGetter(0)])
+    return DataBlock(blocks=blocks, getters=getters, n_inp=1, splitter=splitter, item_tfms=Resize(size),
+                     batch_tfms=[Normalize.from_stats([MEAN] * n_channels, [STD] * n_channels, cuda=False)])
+
+
+def lab_dls(n_train=64, n_valid=16, bs=16, size=16):
+    "Labelled digits DataLoaders: the first `n_train` digits to train, the next `n_valid` to validate; Normalize only"
+    items = digits_items(1)[0][:n_train + n_valid]
+    db = block(size=size, splitter=IndexSplitter(list(range(n_train, n_train + n_valid))))
+    return db.dataloaders(items, bs=bs, num_workers=0, drop_last=True, device='cpu')
+
+
+def unlab_dl(n=24, bs=8, start=500, size=16, n_channels=1, labels='true', drop_last=True):
+    """A training DataLoader of the digits `start`..`start+n` (shuffled, Normalize only); `labels`: 'true', 'shuffled',
+    'zero' (every item labelled 0) or None (no label block at all)"""
+    items = digits_items(n_channels)[0][start:start + n]
+    if labels == 'shuffled': items = [(im, int(y)) for (im, _), y in zip(items, np.random.default_rng(1).permutation([y for _, y in items]))]
+    if labels == 'zero': items = [(im, 0) for im, _ in items]
+    db = block(n_channels, labels is not None, size, splitter=IndexSplitter([]))
+    return db.dataloaders(items, bs=bs, num_workers=0, drop_last=drop_last, device='cpu').train
+
+
+def normalised(items):
+    "The Normalize'd (1, 16, 16) tensors of digit items as `unlab_dl` makes them, to recognise unlabelled images"
+    dl = block(splitter=IndexSplitter([])).dataloaders(items, bs=len(items), num_workers=0, device='cpu').train.new(shuffle=False)
+    return dl.one_batch()[0].as_subclass(torch.Tensor)
+
+
+def cnn():
+    "Three stride-2 ConvLayers (stages '0', '1', '2'), pool, linear"
+    return nn.Sequential(ConvLayer(1, 8, stride=2), ConvLayer(8, 16, stride=2), ConvLayer(16, 32, stride=2),
+                         nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(32, 10))
+
+
+def learner(dls, udl, **kwargs):
+    learn = Learner(dls, cnn(), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(unlabelled=udl, verbose=False, **kwargs))
+    learn.remove_cb(ProgressCallback)
+    learn.logger = lambda *_: None  # no table printed
+    return learn
+
+
+class Spy(Callback):
+    "Run plain functions (no arguments) at some events, at a chosen `order`"
+    def __init__(self, order=0, **events):
+        self.order = order
+        for k, f in events.items(): object.__setattr__(self, k, f)
+
+
+def stop():
+    raise CancelFitException()
+
+
+def counter(learn):
+    "Count the batches that begin (training or validation)"
+    n = [0]
+    learn.add_cb(Spy(-20, before_batch=lambda: n.__setitem__(0, n[0] + 1)))
+    return n
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    "Record every unlabelled batch `UnlabelledViews.next` hands out, and the `UnlabelledViews` itself"
+    rec = {'batches': [], 'views': []}
+    orig = UnlabelledViews.next
+    def next_(self):
+        u = orig(self)
+        rec['batches'].append(u.as_subclass(torch.Tensor).clone())
+        rec['views'].append(self)
+        return u
+    monkeypatch.setattr(UnlabelledViews, 'next', next_)
+    return rec
+
+
+def ref_supcon(z, ids, temperature=0.07):
+    "SupCon in float64, anchor by anchor; `ids` (K,) of the first K rows, repeated for the second K"
+    z = z.double()
+    ids = ids.tolist() * 2
+    sim = z @ z.T / temperature
+    total = 0.
+    for i in range(len(ids)):
+        others = [k for k in range(len(ids)) if k != i]
+        log_den = torch.logsumexp(sim[i, others], 0)
+        pos = [k for k in others if ids[k] == ids[i]]
+        total = total - sum(sim[i, k] - log_den for k in pos) / len(pos)
+    return total / len(ids)
+
+
+def is_bn(m):
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+# ---------------------------------------------------------------- 1. the mixed loss
+def test_contrastive_ids():
+    ids = contrastive_ids(torch.tensor([3, 1, 3, 0]), 3)
+    assert ids.tolist()[:4] == [3, 1, 3, 0]
+    u = ids[4:].tolist()
+    assert len(u) == len(set(u)) == 3 and not set(u) & set(range(10))  # distinct, and no class label
+    assert contrastive_ids(torch.tensor([2, 2]), 0).tolist() == [2, 2]
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(ce_views=2, weight=0.5), dict(supervised=False)])
+def test_mixed_loss_equals_hand_computation(drawn, kwargs):
+    """Layout [labelled v1 (N), unlabelled v1 (M), labelled v2, unlabelled v2]; CE on labelled view 1 (or both views);
+    SupCon with class labels for labelled items and a unique id for each unlabelled one"""
+    set_seed(0)
+    n, m = 8, 6
+    learn = learner(lab_dls(bs=n), unlab_dl(bs=m), **kwargs)
+    got, heads = {}, []
+    ds = learn.model
+    hs = [h.register_forward_hook(lambda mod, i, o: heads.append(o.detach().as_subclass(torch.Tensor).double())) for h in ds.heads]
+    hs.append(ds.model.register_forward_hook(lambda mod, i, o: got.update(
+        inp=i[0].detach().as_subclass(torch.Tensor).clone(), out=o.detach().as_subclass(torch.Tensor).double())))
+    learn.add_cbs([Spy(-10, before_batch=lambda: got.update(x=learn.x.as_subclass(torch.Tensor).clone(),
+                                                            y=learn.y.as_subclass(torch.Tensor).clone())),
+                   Spy(100, after_loss=lambda: got.update(loss=learn.loss_grad.detach().double(), npred=learn.pred.shape[0]),
+                       after_batch=stop)])
+    try: learn.fit(1)
+    finally:
+        for h in hs: h.remove()
+    x, y, u = got['x'], got['y'], drawn['batches'][0]
+    assert x.shape[0] == 2 * n and u.shape[0] == 2 * m and len(drawn['batches']) == 1
+    torch.testing.assert_close(got['inp'], torch.cat([x[:n], u[:m], x[n:], u[m:]]))
+    out = got['out']
+    ce_views = kwargs.get('ce_views', 1)
+    assert got['npred'] == ce_views * n
+    ce = F.cross_entropy(out[:n], y) if ce_views == 1 else F.cross_entropy(torch.cat([out[:n], out[n + m:2 * n + m]]), torch.cat([y, y]))
+    ids = torch.cat([y, 1000 + torch.arange(m)]) if kwargs.get('supervised', True) else torch.arange(n + m)
+    assert len(heads) == 3 and all(z.shape[0] == 2 * (n + m) for z in heads)
+    contra = [ref_supcon(z, ids) for z in heads]
+    torch.testing.assert_close(got['loss'], ce + kwargs.get('weight', 0.1) * sum(contra), rtol=1e-5, atol=1e-4)
+    hist = learn.loss_terms.history
+    for k, c in enumerate(contra): assert abs(float(hist[f'contra_{k}'][0]) - c.item()) < 1e-4
+    if kwargs.get('supervised', True):  # the unlabelled ids matter: SimCLR over everything is another number
+        assert abs(ref_supcon(heads[0], torch.arange(n + m)).item() - contra[0].item()) > 1e-3
+
+
+def test_unlabelled_labels_never_reach_the_loss():
+    "Same unlabelled images with their labels, shuffled labels or no labels at all: the same losses, batch by batch"
+    def losses(**kw):
+        set_seed(0)
+        learn = learner(lab_dls(), unlab_dl(n=24, bs=8, **kw))
+        learn.fit(1, 1e-3)  # 4 steps: the 3-batch unlabelled loader restarts once
+        return [float(v) for v in learn.recorder.losses]
+    ref = losses(labels='true')
+    assert len(ref) == 4
+    assert losses(labels='shuffled') == ref
+    assert losses(labels=None) == ref
+    assert losses(labels='true', start=900) != ref  # the unlabelled images do count: other images, other losses
+
+
+# ---------------------------------------------------------------- 2. the unlabelled loader's cycle
+def test_unlabelled_loader_cycles_independently(drawn):
+    "4 labelled batches per epoch, 3 unlabelled ones per cycle: 2 epochs = 8 steps, every cycle a reshuffled full pass"
+    set_seed(0)
+    items = digits_items(1)[0][500:524]
+    learn = learner(lab_dls(n_train=64, bs=16), unlab_dl(n=24, bs=8))
+    steps = []
+    learn.add_cb(Spy(0, after_batch=lambda: learn.training and steps.append((learn.epoch, learn.iter))))
+    learn.fit(2, 1e-3)
+    assert steps == [(e, i) for e in range(2) for i in range(4)]  # an epoch is the labelled loader's length
+    assert len(drawn['batches']) == 8
+    views = drawn['views']
+    assert all(v is views[0] for v in views[:8])
+    assert views[0].restarts == 2  # draws 1-3, restart, 4-6, restart, 7-8
+    # view 1 of the unlabelled batch is the unlabelled loader's own pipeline (Normalize only): recognise the items
+    ref = normalised(items)
+    def which(u):
+        d = (u[:8, None] - ref[None]).flatten(2).abs().amax(2)  # (8, 24)
+        assert (d.min(1).values < 1e-5).all()
+        return d.argmin(1).tolist()
+    order = [which(u) for u in drawn['batches']]
+    for c in range(2):  # two complete cycles: each item exactly once
+        seen = sum(order[3 * c:3 * c + 3], [])
+        assert sorted(seen) == list(range(24))
+    assert sum(order[:3], []) != sum(order[3:6], [])  # its own shuffling, new at every cycle
+
+
+def test_a_new_fit_starts_a_new_unlabelled_cycle(drawn):
+    set_seed(0)
+    learn = learner(lab_dls(n_train=32, bs=16), unlab_dl(n=24, bs=8))
+    learn.fit(1, 1e-3)
+    learn.fit(1, 1e-3)
+    assert len(drawn['batches']) == 4
+    assert drawn['views'][0] is not drawn['views'][2] and drawn['views'][2].restarts == 0
+
+
+# ---------------------------------------------------------------- 3. BatchNorm, validation
+def test_batchnorm_sees_labelled_and_unlabelled_together(drawn):
+    set_seed(0)
+    n, m = 8, 6
+    learn = learner(lab_dls(bs=n), unlab_dl(bs=m))
+    bn = next(mod for mod in learn.model.model.modules() if is_bn(mod))
+    got = {}
+    h = bn.register_forward_hook(lambda mod, i, o: got.update(inp=i[0].detach().as_subclass(torch.Tensor).clone()))
+    before = bn.running_mean.clone()
+    learn.add_cb(Spy(100, after_batch=stop))
+    learn.fit(1)
+    h.remove()
+    inp = got['inp']
+    assert inp.shape[0] == 2 * n + 2 * m
+    # the running mean moved by the statistics of the whole mixed batch
+    torch.testing.assert_close(bn.running_mean, (1 - bn.momentum) * before + bn.momentum * inp.mean((0, 2, 3)))
+
+
+def test_validation_is_untouched(drawn):
+    set_seed(0)
+    learn = learner(lab_dls(), unlab_dl())
+    sizes, head_calls = [], [0]
+    ds = learn.model
+    hs = [ds.model.register_forward_hook(lambda mod, i, o: sizes.append((learn.training, i[0].shape[0])))]
+    hs += [hd.register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + (not learn.training))) for hd in ds.heads]
+    learn.fit(1, 1e-3)
+    n_drawn = len(drawn['batches'])
+    loss = learn.validate()[0]
+    for h in hs: h.remove()
+    assert [s for t, s in sizes if t] == [2 * 16 + 2 * 8] * 4
+    assert [s for t, s in sizes if not t] == [16, 16]  # fit's validation and validate(): plain batches
+    assert head_calls[0] == 0 and len(drawn['batches']) == n_drawn == 4
+    plain = ds.model.eval()
+    with torch.no_grad():
+        xb, yb = learn.dls.valid.one_batch()
+        ref = F.cross_entropy(plain(xb).as_subclass(torch.Tensor), yb.as_subclass(torch.Tensor)).item()
+    assert abs(loss - ref) < 1e-5
+
+
+# ---------------------------------------------------------------- 4. export
+CHILD = textwrap.dedent("""
+    import sys
+    sys.modules['fastai_cds'] = None  # before anything: fastai_cds cannot be imported in this process
+    import json, warnings
+    warnings.filterwarnings('ignore')
+    try:
+        import fastai_cds
+        blocked = False
+    except ImportError:
+        blocked = True
+    import torch
+    from fastai.learner import load_learner
+    d = sys.argv[1]
+    learn = load_learner(f'{d}/semi.pkl')
+    m = learn.model.eval()
+    with torch.no_grad():
+        pred = m(torch.load(f'{d}/x.pt'))
+    torch.save(pred, f'{d}/pred.pt')
+    json.dump({'blocked': blocked, 'keys': list(m.state_dict()), 'type': type(m).__module__ + '.' + type(m).__qualname__,
+               'cbs': [type(cb).__module__ for cb in learn.cbs],
+               'loaded': [k for k, v in sys.modules.items() if k.startswith('fastai_cds') and v is not None]},
+              open(f'{d}/res.json', 'w'))
+""")
+
+
+def test_export_is_plain_and_loads_without_fastai_cds(tmp_path):
+    set_seed(0)
+    learn = learner(lab_dls(), unlab_dl())
+    learn.fit(1, 1e-3)
+    learn.export(tmp_path / 'semi.pkl')
+    x = learn.dls.valid.one_batch()[0].as_subclass(torch.Tensor).clone()
+    torch.save(x, tmp_path / 'x.pt')
+    plain = learn.model.model.eval()
+    with torch.no_grad(): pred = plain(x)
+    r = subprocess.run([sys.executable, '-c', CHILD, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.load(open(tmp_path / 'res.json'))
+    assert res['blocked'] and res['loaded'] == []
+    assert res['keys'] == list(cnn().state_dict()) and res['type'] == 'torch.nn.modules.container.Sequential'
+    assert not any(c.startswith('fastai_cds') for c in res['cbs'])
+    torch.testing.assert_close(torch.load(tmp_path / 'pred.pt'), pred, atol=1e-5, rtol=0)
+    raw = open(tmp_path / 'semi.pkl', 'rb').read()
+    with zipfile.ZipFile(tmp_path / 'semi.pkl') as z: members = b''.join(z.read(k) for k in z.namelist())
+    assert b'fastai_cds' not in raw and b'fastai_cds' not in members
+    assert next(learn.model.heads[0].parameters()).detach().numpy().tobytes() not in members
+
+
+# ---------------------------------------------------------------- 5. bad input: clear errors when fit starts
+@pytest.mark.parametrize('case,match', [
+    ('empty', 'unlabelled DataLoader is empty'),
+    ('size', r'Unlabelled images are \(1, 8, 8\) but labelled ones \(1, 16, 16\)'),
+    ('channels', r'Unlabelled images are \(3, 16, 16\) but labelled ones \(1, 16, 16\)'),
+    ('labelled_bs_1', 'batch size of at least 2'),
+])
+def test_bad_input_fails_when_fit_starts(case, match):
+    udl = {'empty': lambda: unlab_dl(n=6, bs=8), 'size': lambda: unlab_dl(size=8),
+           'channels': lambda: unlab_dl(n_channels=3), 'labelled_bs_1': lambda: unlab_dl()}[case]()
+    if case == 'empty': assert len(udl) == 0 and len(udl.dataset) == 6  # a short last batch, dropped
+    dls = lab_dls(n_train=8, bs=1) if case == 'labelled_bs_1' else lab_dls()
+    learn = learner(dls, udl)
+    n = counter(learn)
+    with pytest.raises(ValueError, match=match): learn.fit(1)
+    assert n[0] == 0
+
+
+# ---------------------------------------------------------------- 6. split_labelled on any fastai DataLoaders
+def index_dls(n=300, bs=16):
+    "DataLoaders whose items are digit indices (to see which item went where)"
+    items, labels = digits_items(1)
+    db = DataBlock(blocks=(ImageBlock(cls=PILImageBW), CategoryBlock), n_inp=1,
+                   getters=[lambda i: items[i][0], lambda i: int(labels[i])],
+                   splitter=IndexSplitter(list(range(n - 60, n))), item_tfms=Resize(8),
+                   batch_tfms=[Normalize.from_stats([MEAN], [STD], cuda=False)])
+    return db.dataloaders(list(range(n)), bs=bs, num_workers=0, device='cpu')
+
+
+def datasets_dls(n=300, bs=16):
+    "DataLoaders built from `Datasets` and transforms lists, no DataBlock"
+    items, labels = digits_items(1)
+    tfms = [[lambda i: items[i][0], PILImageBW.create, ToTensor()], [lambda i: int(labels[i]), Categorize()]]
+    dsets = Datasets(list(range(n)), tfms, splits=[list(range(n - 60)), list(range(n - 60, n))])
+    return dsets.dataloaders(bs=bs, after_batch=[IntToFloatTensor()], num_workers=0, device='cpu')
+
+
+@pytest.mark.parametrize('make', [index_dls, datasets_dls])
+def test_split_labelled_stratified_disjoint_seeded(make):
+    dls = make()
+    labels = digits_items(1)[1]
+    train_items = list(dls.train_ds.items)
+    lab, udl = split_labelled(dls, 0.2, seed=0)
+    l_items, u_items = list(lab.train_ds.items), list(udl.dataset.items)
+    assert not set(l_items) & set(u_items) and sorted(l_items + u_items) == sorted(train_items)
+    per_class = Counter(int(labels[i]) for i in train_items)
+    got = Counter(int(labels[i]) for i in l_items)
+    assert got == {c: max(1, round(0.2 * k)) for c, k in per_class.items()}
+    # the labels of the labelled part are the originals
+    assert [int(lab.train_ds[k][1]) for k in range(5)] == [dls.vocab.o2i[int(labels[i])] for i in l_items[:5]]
+    # seeded
+    lab2, udl2 = split_labelled(make(), 0.2, seed=0)
+    assert list(lab2.train_ds.items) == l_items and list(udl2.dataset.items) == u_items
+    lab3, _ = split_labelled(make(), 0.2, seed=1)
+    assert list(lab3.train_ds.items) != l_items
+    # loaders: the validation set untouched, the unlabelled one shuffled with full batches, same transforms
+    assert list(lab.valid_ds.items) == list(dls.valid_ds.items)
+    assert udl.shuffle and udl.drop_last and udl.bs == dls.train.bs == lab.train.bs
+    assert split_labelled(make(), 0.2, unlabelled_bs=5)[1].bs == 5
+    xb = udl.one_batch()[0]
+    assert xb.shape == (16, *dls.one_batch()[0].shape[1:])
+    assert [type(t) for t in udl.after_batch.fs] == [type(t) for t in dls.train.after_batch.fs]
+    with pytest.raises(ValueError, match='leaves no unlabelled items'): split_labelled(make(), 1.)
+    with pytest.raises(ValueError, match=r'fraction must be in \(0, 1\]'): split_labelled(make(), 0.)
+
+
+def test_split_labelled_trains_semi_supervised():
+    "The split of a DataBlock's DataLoaders trains with CDSCallback(unlabelled=...) end to end"
+    set_seed(0)
+    lab, udl = split_labelled(lab_dls(n_train=96, bs=8), 0.5, seed=0)
+    learn = learner(lab, udl)
+    learn.fit(1, 1e-3)
+    assert len(learn.recorder.losses) == len(lab.train) == 6 and all(np.isfinite(float(v)) for v in learn.recorder.losses)
