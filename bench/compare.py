@@ -77,7 +77,7 @@ def table(rows:list[dict], label_fraction:float, seeds:list[int])->str:
     if not done: return f"(no complete seed at {label_fraction:.0%} labels yet)"
     r0 = by[('baseline', done[0])]
     out = [f"digits {r0['size']}x{r0['size']}, {label_fraction:.0%} of the training labels ({r0['n_train']} images), "
-           f"{r0['epochs']} epochs, {len(done)} paired seeds, {r0['n_valid']} validation images",
+           f"{r0['epochs']} epoch{'s' if r0['epochs'] > 1 else ''}, {len(done)} paired seeds, {r0['n_valid']} validation images",
            "", "| method | accuracy % (mean ± std) | Δ vs baseline, points (95% CI) | wins/ties/losses | ECE % (mean ± std) | s/run |",
            "|---|---|---|---|---|---|"]
     base = np.array([by[('baseline', s)]['acc'] for s in done])

@@ -1,8 +1,8 @@
 """Distillation on the embedded digits: a wide CNN teacher trained with CDS, the quickstart's small CNN as student.
 
 For every seed and label fraction a teacher (`cnn(48)` of recipes/distill.py: stage widths 48-96-192-384) is trained
-with `CDSCallback`, then the student (`small_cnn` of recipes/quickstart.py: 32-64-128-256) four ways from the same
-initial weights: alone, with KD (`KDCallback`, soft cross-entropy T=3), with CDS (no teacher) and with CDS+KD
+with `CDSCallback` for 3x the students' epochs (`--teacher-factor`), then the student (`small_cnn` of
+recipes/quickstart.py: 32-64-128-256) four ways from the same initial weights: alone, with KD (`KDCallback`, soft cross-entropy T=3), with CDS (no teacher) and with CDS+KD
 (`CDSCallback(teacher=...)`: CDS + 0.1 x head-embedding distance through Linear adapters + soft cross-entropy T=3, the
 reference code's CIFAR setting). A seed fixes the data split, the labelled subset, the teacher and the student's
 initialisation, so the differences to the student alone are paired. Results go one JSON line per run to
@@ -12,7 +12,7 @@ there are skipped and saved teachers reloaded with `load_teacher`, so an interru
 Deviations from the paper: digits at 16x16 instead of CIFAR-100/ImageNet, two CNNs instead of ResNets, Adam with
 one-cycle and few epochs instead of SGD over 300 epochs; view 2 without flip (digits are not mirror-symmetric).
 """
-import importlib.util, json, math, sys, time, warnings
+import importlib.util, json, math, random, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -28,6 +28,11 @@ _recipe = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(_reci
 cnn = _recipe.cnn  # the same CNN, wider: the teacher
 
 METHODS = ['student', 'KD', 'CDS', 'CDS+KD']
+
+def reseed(seed:int, dls:DataLoaders):
+    "Seed everything, the training loader's shuffling too (fastai draws its RNG once, when the loader is made)"
+    set_seed(seed, reproducible=True)
+    dls.train.rng = random.Random(seed)
 
 class SkipValidation(Callback):
     "No validation during training: the benchmark evaluates once at the end"
@@ -62,9 +67,9 @@ def table(rows:list[dict], label_fraction:float, seeds:list[int])->str:
     by = {(r['method'], r['seed']): r for r in rows if r['label_fraction'] == label_fraction}
     done = [s for s in seeds if all((m, s) in by for m in ['teacher'] + METHODS)]
     if not done: return f"(no complete seed at {label_fraction:.0%} labels yet)"
-    r0 = by[('student', done[0])]
+    r0, rt = by[('student', done[0])], by[('teacher', done[0])]
     out = [f"digits {r0['size']}x{r0['size']}, {label_fraction:.0%} of the training labels ({r0['n_train']} images), "
-           f"teacher {r0['teacher_epochs']} epochs, students {r0['epochs']} epochs, {len(done)} paired seeds, "
+           f"teacher {rt['teacher_epochs']} epochs, students {r0['epochs']} epochs, {len(done)} paired seeds, "
            f"{r0['n_valid']} validation images",
            "", "| model | accuracy % (mean ± std) | Δ vs student alone, points (95% CI) | wins/ties/losses | s/run |",
            "|---|---|---|---|---|"]
@@ -89,6 +94,7 @@ def main(
     fractions:str='0.1,1.0', # label fractions, comma-separated
     epochs_low:int=6, # epochs (teacher and students) at label fractions below 0.5 (few batches per epoch)
     epochs_high:int=1, # epochs at label fractions of 0.5 and more
+    teacher_factor:int=3, # the teacher trains teacher_factor x the students' epochs (a teacher better than the student)
     teacher_width:int=48, # the teacher's first stage width (the student's is 32)
     size:int=16, # image size
     lr:float=3e-3, # one-cycle maximum learning rate (Adam)
@@ -105,9 +111,10 @@ def main(
     path = Path(out); path.parent.mkdir(parents=True, exist_ok=True)
     tdir = (path.parent/'distill_teachers').absolute(); tdir.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-    cfg = lambda lf: dict(label_fraction=lf, epochs=epochs_low if lf < 0.5 else epochs_high, teacher_epochs=epochs_low if lf < 0.5 else epochs_high,
+    cfg = lambda lf: dict(label_fraction=lf, epochs=epochs_low if lf < 0.5 else epochs_high, teacher_epochs=teacher_factor*(epochs_low if lf < 0.5 else epochs_high),
                           teacher_width=teacher_width, size=size, lr=lr, bs=bs)
-    key = lambda r: tuple(r[k] for k in ('method', 'seed', 'label_fraction', 'epochs', 'teacher_epochs', 'teacher_width', 'size', 'lr', 'bs'))
+    key = lambda r: tuple(r[k] for k in ('method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs')) + (  # runs without a teacher
+        (r['teacher_epochs'], r['teacher_width']) if r['method'] in ('teacher', 'KD', 'CDS+KD') else ())  # don't depend on it
     have = {key(r) for r in rows}
     v2 = simclr_tfms(n_channels=1, flip=False)
     start = time.time()
@@ -126,7 +133,7 @@ def main(
                 info = dict(n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), threads=threads)
                 tfile = tdir/f"teacher_s{seed}_lf{lf}_e{c['teacher_epochs']}_w{teacher_width}_sz{size}_lr{lr}_bs{bs}"
                 def new_teacher():
-                    set_seed(seed, reproducible=True)
+                    reseed(seed, dls)
                     return Learner(dls, cnn(teacher_width), loss_func=CrossEntropyLossFlat(),
                                    cbs=[SkipValidation(), CDSCallback(view2_tfms=v2, verbose=False)])
                 if 'teacher' in todo or not tfile.with_suffix('.pth').exists():
@@ -137,7 +144,7 @@ def main(
                 else: teacher = load_teacher(new_teacher, tfile)
                 for m in METHODS:
                     if m not in todo: continue
-                    set_seed(seed, reproducible=True)
+                    reseed(seed, dls)
                     model = small_cnn()  # same initial weights for every method of this seed
                     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[SkipValidation(), *student_cbs(m, teacher, v2)])
                     secs = fit(learn, c['epochs'], lr)

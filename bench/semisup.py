@@ -11,7 +11,7 @@ skipped, so an interrupted benchmark resumes. Writes the plot to `bench/out/semi
 Deviations from the paper: digits at 16x16 instead of CIFAR-10/100, a 4-stage CNN instead of a ResNet18, Adam with
 one-cycle and few epochs instead of SGD over 300 epochs; view 2 without flip (digits are not mirror-symmetric).
 """
-import json, math, sys, time, warnings
+import json, math, random, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -24,6 +24,11 @@ from quickstart import small_cnn  # noqa: E402  the quickstart's CNN, so the rec
 
 METHODS = ['baseline', 'CDS', 'semi-CDS']
 LABELS = {'baseline': 'baseline (labelled part)', 'CDS': 'CDS (labelled part)', 'semi-CDS': 'semi-supervised CDS (+ unlabelled rest)'}
+
+def reseed(seed:int, dls:DataLoaders):
+    "Seed everything, the training loader's shuffling too (fastai draws its RNG once, when the loader is made)"
+    set_seed(seed, reproducible=True)
+    dls.train.rng = random.Random(seed)
 
 class SkipValidation(Callback):
     "No validation during training: the benchmark evaluates once at the end"
@@ -42,7 +47,7 @@ def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:flo
     v2 = simclr_tfms(n_channels=1, flip=False)
     cbs = {'baseline': [], 'CDS': [CDSCallback(weight=weight, view2_tfms=v2, verbose=False)],
            'semi-CDS': [CDSCallback(weight=weight, view2_tfms=v2, unlabelled=udl, verbose=False)]}[method]
-    set_seed(seed, reproducible=True)
+    reseed(seed, dls)
     model = small_cnn()  # same initial weights for every method of this seed
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[SkipValidation(), *cbs])
     start = time.time()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 from contextlib import contextmanager
 from functools import partial
+import types
 import cloudpickle, torch, torch.nn as nn
 from fastcore.basics import patch
 from fastcore.foundation import L
@@ -56,12 +57,17 @@ def attach_heads(learn:Learner, heads:nn.ModuleList, stages:list[str], aux:nn.Mo
     return ds
 
 # %% ../nbs/04_export.ipynb #d4cfe8f2
-def _is_ours(o)->bool: return type(o).__module__.split('.')[0] == 'fastai_cds'
+def _is_ours(o)->bool:
+    "Whether `o` (an object, or a function/class, or a metric wrapping one) comes from fastai_cds"
+    mods = [type(o).__module__, getattr(o, '__module__', None) if isinstance(o, (type, types.FunctionType)) else None,
+            getattr(getattr(o, 'func', None), '__module__', None)]
+    return any((m or '').split('.')[0] == 'fastai_cds' for m in mods)
 
 @contextmanager
 def plain_learner(learn:Learner):
-    "Within the block `learn` has the plain model, splitter and callbacks: no trace of fastai_cds"
-    m, splitter, opt = learn.model, learn.splitter, learn.opt
+    "Within the block `learn` has the plain model, splitter, callbacks and metrics: no trace of fastai_cds"
+    m, splitter, opt, metrics = learn.model, learn.splitter, learn.opt, learn.metrics
+    learn.metrics = [o for o in metrics if not _is_ours(o)]
     cbs = [cb for cb in learn.cbs if _is_ours(cb)]
     learn.remove_cbs(cbs)
     if isinstance(m, DeepSupervisionModel): learn.model = m.model
@@ -69,7 +75,7 @@ def plain_learner(learn:Learner):
     learn.opt = None
     try: yield learn
     finally:
-        learn.model, learn.splitter, learn.opt = m, splitter, opt
+        learn.model, learn.splitter, learn.opt, learn.metrics = m, splitter, opt, metrics
         learn.add_cbs(cbs)
 
 # %% ../nbs/04_export.ipynb #85244de0

@@ -247,3 +247,24 @@ def test_export_before_training(tmp_path):
     loaded = torch.load(tmp_path / "e.pkl", weights_only=False)
     assert type(loaded.model) is nn.Sequential
     assert [k for k in loaded.model.state_dict()] == [k for k in small_cnn().state_dict()]
+
+
+def test_export_drops_fastai_cds_metrics(tmp_path):
+    "A fastai_cds metric in metrics= stays on the learner but is not written into the export"
+    import subprocess, sys
+    from fastai.vision.all import Learner, ConvLayer, CrossEntropyLossFlat, accuracy
+    from fastai_cds.all import CDSCallback, ExpectedCalibrationError, digits_dls
+    dls = digits_dls(size=16, label_fraction=0.3, bs=16, device='cpu')
+    cnn = nn.Sequential(ConvLayer(1, 8), ConvLayer(8, 16, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    ece = ExpectedCalibrationError()
+    learn = Learner(dls, cnn, loss_func=CrossEntropyLossFlat(), metrics=[accuracy, ece], cbs=CDSCallback(verbose=False))
+    fname = tmp_path/'m.pkl'
+    learn.export(fname)
+    assert ece in learn.metrics
+    assert b'fastai_cds' not in fname.read_bytes()
+    code = ("import sys; sys.modules['fastai_cds'] = None\n"
+            "from fastai.learner import load_learner\n"
+            f"l = load_learner(r'{fname}'); print(len(l.metrics))")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith('1')
