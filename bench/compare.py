@@ -10,13 +10,14 @@ epochs instead of SGD over 300 epochs; view 2 of CDS without flip (digits are no
 intra-op thread (`--threads`) and runs go two at a time (`--workers`): on a shared 2-core machine that is several times
 faster than one run on two threads.
 """
-import json, math, os, sys, time, warnings
+import os, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
+from paired import SkipValidation, fit, evaluate_calibrated, load_rows, append_row, complete, mean_std, delta_cells
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'recipes'))
 from quickstart import small_cnn  # noqa: E402  the quickstart's CNN, so the recipe and the benchmark agree
@@ -31,18 +32,6 @@ def make_cbs(method:str)->list:
             'CDS-SupCon': [CDSCallback(view2_tfms=v2, verbose=False)],
             'CDS-SimCLR': [CDSCallback(supervised=False, view2_tfms=v2, verbose=False)]}[method]
 
-class SkipValidation(Callback):
-    "No validation during training: the benchmark evaluates once at the end"
-    def before_validate(self): raise CancelValidException()
-
-def evaluate(model:nn.Module, dl)->tuple[float, float]:
-    "Accuracy and ECE of `model` (eval mode) on `dl`"
-    model.eval()
-    with torch.no_grad():
-        logits, ys = zip(*[(model(xb).as_subclass(torch.Tensor).float(), yb.as_subclass(torch.Tensor)) for xb,yb in dl])
-    probs, ys = torch.softmax(torch.cat(logits), 1), torch.cat(ys)
-    return float((probs.argmax(1) == ys).float().mean()), ece(probs, ys)
-
 def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:float, bs:int)->dict:
     "Train one model; its accuracy, ECE and time"
     set_seed(seed, reproducible=True)  # fastai's DataLoader draws its shuffling generator when it is made
@@ -50,10 +39,8 @@ def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:flo
     set_seed(seed, reproducible=True)
     model = small_cnn()  # same initial weights for every method of this seed
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[SkipValidation(), *make_cbs(method)])
-    start = time.time()
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-    secs = time.time() - start
-    acc, e = evaluate(model, dls.valid)
+    secs = fit(learn, epochs, lr)
+    acc, e = evaluate_calibrated(model, dls.valid)
     return dict(acc=acc, ece=e, secs=secs, n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
 
 def _job(args:tuple)->tuple[dict, dict]:
@@ -63,17 +50,9 @@ def _job(args:tuple)->tuple[dict, dict]:
     torch.set_num_threads(threads)
     return c, run(c['method'], c['seed'], c['label_fraction'], c['epochs'], c['size'], c['lr'], c['bs'])
 
-def t_interval(d:np.ndarray)->tuple[float, float]:
-    "Mean of the paired differences `d` and the half-width of its 95% t-interval"
-    from scipy.stats import t
-    n = len(d)
-    if n < 2: return float(d.mean()), float('nan')
-    return float(d.mean()), float(t.ppf(0.975, n-1) * d.std(ddof=1) / math.sqrt(n))
-
 def table(rows:list[dict], label_fraction:float, seeds:list[int])->str:
     "Markdown table of one label fraction over the seeds that every method finished"
-    by = {(r['method'], r['seed']): r for r in rows if r['label_fraction'] == label_fraction}
-    done = [s for s in seeds if all((m, s) in by for m in METHODS)]
+    by, done = complete(rows, label_fraction, seeds, METHODS)
     if not done: return f"(no complete seed at {label_fraction:.0%} labels yet)"
     r0 = by[('baseline', done[0])]
     out = [f"digits {r0['size']}x{r0['size']}, {label_fraction:.0%} of the training labels ({r0['n_train']} images), "
@@ -84,14 +63,8 @@ def table(rows:list[dict], label_fraction:float, seeds:list[int])->str:
     for m in METHODS:
         acc = np.array([by[(m, s)]['acc'] for s in done]); e = np.array([by[(m, s)]['ece'] for s in done])
         secs = np.mean([by[(m, s)]['secs'] for s in done])
-        sd = lambda a: a.std(ddof=1) if len(a) > 1 else float('nan')
-        if m == 'baseline': diff, wtl = '—', '—'
-        else:
-            d = (acc - base)*100
-            mu, hw = t_interval(d)
-            diff = f"{mu:+.2f} [{mu-hw:+.2f}, {mu+hw:+.2f}]"
-            wtl = f"{(d > 1e-9).sum()}/{(abs(d) <= 1e-9).sum()}/{(d < -1e-9).sum()}"
-        out.append(f"| {m} | {acc.mean()*100:.2f} ± {sd(acc)*100:.2f} | {diff} | {wtl} | {e.mean()*100:.2f} ± {sd(e)*100:.2f} | {secs:.1f} |")
+        diff, wtl = ('—', '—') if m == 'baseline' else delta_cells(acc, base)
+        out.append(f"| {m} | {mean_std(acc)} | {diff} | {wtl} | {mean_std(e)} | {secs:.1f} |")
     return '\n'.join(out)
 
 @call_parse
@@ -117,7 +90,7 @@ def main(
     if methods: METHODS = [m for m in METHODS if m in methods.split(',')]
     fracs, seed_list = [float(f) for f in fractions.split(',')], list(range(first_seed, first_seed+seeds))
     path = Path(out); path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    rows = load_rows(path)
     cfg = lambda lf: dict(label_fraction=lf, epochs=epochs_low if lf < 0.5 else epochs_high, size=size, lr=lr, bs=bs)
     key = lambda r: (r['method'], r['seed'], r['label_fraction'], r['epochs'], r['size'], r['lr'], r['bs'])
     have = {key(r) for r in rows}
@@ -128,10 +101,9 @@ def main(
         import multiprocessing as mp
         pool = mp.get_context('spawn').Pool(workers) if workers > 1 else None
         results = pool.imap_unordered(_job, [(c, threads) for c in todo]) if pool else map(_job, [(c, threads) for c in todo])
-        for c, res in results:  # written as they finish: an interrupted benchmark loses only the runs in flight
+        for c, res in results:  # written as they finish
             r = {**c, **res, 'threads': threads, 'workers': workers}
-            rows.append(r); have.add(key(r))
-            with path.open('a') as f: f.write(json.dumps(r) + '\n')
+            rows.append(r); have.add(key(r)); append_row(path, r)
             print(f"seed {r['seed']} {r['label_fraction']:.0%} {r['method']:<11} acc {r['acc']*100:6.2f}%  ECE {r['ece']*100:5.2f}%  "
                   f"{r['secs']:5.1f}s  (total {time.time()-start:6.0f}s)", flush=True)
         if pool: pool.close(); pool.join()

@@ -12,13 +12,14 @@ there are skipped and saved teachers reloaded with `load_teacher`, so an interru
 Deviations from the paper: digits at 16x16 instead of CIFAR-100/ImageNet, two CNNs instead of ResNets, Adam with
 one-cycle and few epochs instead of SGD over 300 epochs; view 2 without flip (digits are not mirror-symmetric).
 """
-import importlib.util, json, math, random, sys, time, warnings
+import importlib.util, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
+from paired import reseed, SkipValidation, fit, evaluate, load_rows, append_row, complete, mean_std, delta_cells
 
 RECIPES = Path(__file__).resolve().parents[1]/'recipes'
 sys.path.insert(0, str(RECIPES))
@@ -29,43 +30,13 @@ cnn = _recipe.cnn  # the same CNN, wider: the teacher
 
 METHODS = ['student', 'KD', 'CDS', 'CDS+KD']
 
-def reseed(seed:int, dls:DataLoaders):
-    "Seed everything, the training loader's shuffling too (fastai draws its RNG once, when the loader is made)"
-    set_seed(seed, reproducible=True)
-    dls.train.rng = random.Random(seed)
-
-class SkipValidation(Callback):
-    "No validation during training: the benchmark evaluates once at the end"
-    def before_validate(self): raise CancelValidException()
-
-def evaluate(model:nn.Module, dl)->float:
-    "Accuracy of `model` (eval mode) on `dl`"
-    model.eval()
-    with torch.no_grad():
-        correct = [(model(xb).as_subclass(torch.Tensor).argmax(1) == yb.as_subclass(torch.Tensor)) for xb,yb in dl]
-    return float(torch.cat(correct).float().mean())
-
 def student_cbs(method:str, teacher:Learner, v2:list)->list:
     return {'student': [], 'KD': [KDCallback(teacher)], 'CDS': [CDSCallback(view2_tfms=v2, verbose=False)],
             'CDS+KD': [CDSCallback(teacher=teacher, view2_tfms=v2, verbose=False)]}[method]
 
-def fit(learn:Learner, epochs:int, lr:float)->float:
-    "Train with one-cycle; seconds taken"
-    start = time.time()
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-    return time.time() - start
-
-def t_interval(d:np.ndarray)->tuple[float, float]:
-    "Mean of the paired differences `d` and the half-width of its 95% t-interval"
-    from scipy.stats import t
-    n = len(d)
-    if n < 2: return float(d.mean()), float('nan')
-    return float(d.mean()), float(t.ppf(0.975, n-1) * d.std(ddof=1) / math.sqrt(n))
-
 def table(rows:list[dict], label_fraction:float, seeds:list[int])->str:
     "Markdown table of one label fraction over the seeds that the teacher and every method finished"
-    by = {(r['method'], r['seed']): r for r in rows if r['label_fraction'] == label_fraction}
-    done = [s for s in seeds if all((m, s) in by for m in ['teacher'] + METHODS)]
+    by, done = complete(rows, label_fraction, seeds, ['teacher'] + METHODS)
     if not done: return f"(no complete seed at {label_fraction:.0%} labels yet)"
     r0, rt = by[('student', done[0])], by[('teacher', done[0])]
     out = [f"digits {r0['size']}x{r0['size']}, {label_fraction:.0%} of the training labels ({r0['n_train']} images), "
@@ -73,18 +44,12 @@ def table(rows:list[dict], label_fraction:float, seeds:list[int])->str:
            f"{r0['n_valid']} validation images",
            "", "| model | accuracy % (mean ± std) | Δ vs student alone, points (95% CI) | wins/ties/losses | s/run |",
            "|---|---|---|---|---|"]
-    sd = lambda a: a.std(ddof=1) if len(a) > 1 else float('nan')
     base = np.array([by[('student', s)]['acc'] for s in done])
     for m in ['teacher'] + METHODS:
         acc, secs = np.array([by[(m, s)]['acc'] for s in done]), np.mean([by[(m, s)]['secs'] for s in done])
         name = f"teacher cnn({r0['teacher_width']}), CDS" if m == 'teacher' else f'student small_cnn, {m}'
-        if m in ('teacher', 'student'): diff, wtl = '—', '—'
-        else:
-            d = (acc - base)*100
-            mu, hw = t_interval(d)
-            diff = f"{mu:+.2f} [{mu-hw:+.2f}, {mu+hw:+.2f}]"
-            wtl = f"{(d > 1e-9).sum()}/{(abs(d) <= 1e-9).sum()}/{(d < -1e-9).sum()}"
-        out.append(f"| {name} | {acc.mean()*100:.2f} ± {sd(acc)*100:.2f} | {diff} | {wtl} | {secs:.1f} |")
+        diff, wtl = ('—', '—') if m in ('teacher', 'student') else delta_cells(acc, base)
+        out.append(f"| {name} | {mean_std(acc)} | {diff} | {wtl} | {secs:.1f} |")
     return '\n'.join(out)
 
 @call_parse
@@ -110,7 +75,7 @@ def main(
     fracs, seed_list = [float(f) for f in fractions.split(',')], list(range(first_seed, first_seed+seeds))
     path = Path(out); path.parent.mkdir(parents=True, exist_ok=True)
     tdir = (path.parent/'distill_teachers').absolute(); tdir.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    rows = load_rows(path)
     cfg = lambda lf: dict(label_fraction=lf, epochs=epochs_low if lf < 0.5 else epochs_high, teacher_epochs=teacher_factor*(epochs_low if lf < 0.5 else epochs_high),
                           teacher_width=teacher_width, size=size, lr=lr, bs=bs)
     key = lambda r: tuple(r[k] for k in ('method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs')) + (  # runs without a teacher
@@ -119,8 +84,7 @@ def main(
     v2 = simclr_tfms(n_channels=1, flip=False)
     start = time.time()
     def record(r):
-        rows.append(r); have.add(key(r))
-        with path.open('a') as f: f.write(json.dumps(r) + '\n')
+        rows.append(r); have.add(key(r)); append_row(path, r)
         print(f"seed {r['seed']} {r['label_fraction']:.0%} {r['method']:<8} acc {r['acc']*100:6.2f}%  {r['secs']:6.1f}s  "
               f"(total {time.time()-start:6.0f}s)", flush=True)
     if not report_only:

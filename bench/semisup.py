@@ -11,35 +11,20 @@ skipped, so an interrupted benchmark resumes. Writes the plot to `bench/out/semi
 Deviations from the paper: digits at 16x16 instead of CIFAR-10/100, a 4-stage CNN instead of a ResNet18, Adam with
 one-cycle and few epochs instead of SGD over 300 epochs; view 2 without flip (digits are not mirror-symmetric).
 """
-import json, math, random, sys, time, warnings
+import math, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
+from paired import reseed, SkipValidation, fit, evaluate, load_rows, append_row, complete, mean_std, delta_cells
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'recipes'))
 from quickstart import small_cnn  # noqa: E402  the quickstart's CNN, so the recipe and the benchmark agree
 
 METHODS = ['baseline', 'CDS', 'semi-CDS']
 LABELS = {'baseline': 'baseline (labelled part)', 'CDS': 'CDS (labelled part)', 'semi-CDS': 'semi-supervised CDS (+ unlabelled rest)'}
-
-def reseed(seed:int, dls:DataLoaders):
-    "Seed everything, the training loader's shuffling too (fastai draws its RNG once, when the loader is made)"
-    set_seed(seed, reproducible=True)
-    dls.train.rng = random.Random(seed)
-
-class SkipValidation(Callback):
-    "No validation during training: the benchmark evaluates once at the end"
-    def before_validate(self): raise CancelValidException()
-
-def evaluate(model:nn.Module, dl)->float:
-    "Accuracy of `model` (eval mode) on `dl`"
-    model.eval()
-    with torch.no_grad():
-        correct = [(model(xb).as_subclass(torch.Tensor).argmax(1) == yb.as_subclass(torch.Tensor)) for xb,yb in dl]
-    return float(torch.cat(correct).float().mean())
 
 def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:float, bs:int, weight:float)->dict:
     "Train one model; its accuracy and time"
@@ -50,44 +35,24 @@ def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:flo
     reseed(seed, dls)
     model = small_cnn()  # same initial weights for every method of this seed
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[SkipValidation(), *cbs])
-    start = time.time()
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-    secs = time.time() - start
+    secs = fit(learn, epochs, lr)
     return dict(acc=evaluate(model, dls.valid), secs=secs, n_train=len(dls.train_ds), n_unlabelled=len(udl.dataset),
                 n_valid=len(dls.valid_ds), steps=epochs*len(dls.train))
-
-def t_interval(d:np.ndarray)->tuple[float, float]:
-    "Mean of the paired differences `d` and the half-width of its 95% t-interval"
-    from scipy.stats import t
-    n = len(d)
-    if n < 2: return float(d.mean()), float('nan')
-    return float(d.mean()), float(t.ppf(0.975, n-1) * d.std(ddof=1) / math.sqrt(n))
-
-def complete(rows:list[dict], label_fraction:float, seeds:list[int])->tuple[dict, list[int]]:
-    "Runs of one label fraction by (method, seed), and the seeds every method finished"
-    by = {(r['method'], r['seed']): r for r in rows if r['label_fraction'] == label_fraction}
-    return by, [s for s in seeds if all((m, s) in by for m in METHODS)]
 
 def table(rows:list[dict], fracs:list[float], seeds:list[int])->str:
     "One markdown table over the label fractions, each over the seeds that every method finished there"
     out = ["| labels | method | accuracy % (mean ± std) | Δ vs baseline, points (95% CI) | wins/ties/losses | steps | s/run |",
            "|---|---|---|---|---|---|---|"]
-    sd = lambda a: a.std(ddof=1) if len(a) > 1 else float('nan')
     for lf in fracs:
-        by, done = complete(rows, lf, seeds)
+        by, done = complete(rows, lf, seeds, METHODS)
         if not done: out.append(f"| {lf:.0%} | (no complete seed yet) | | | | | |"); continue
         r0 = by[('baseline', done[0])]
         base = np.array([by[('baseline', s)]['acc'] for s in done])
         for m in METHODS:
             acc, secs = np.array([by[(m, s)]['acc'] for s in done]), np.mean([by[(m, s)]['secs'] for s in done])
-            if m == 'baseline': diff, wtl = '—', '—'
-            else:
-                d = (acc - base)*100
-                mu, hw = t_interval(d)
-                diff = f"{mu:+.2f} [{mu-hw:+.2f}, {mu+hw:+.2f}]"
-                wtl = f"{(d > 1e-9).sum()}/{(abs(d) <= 1e-9).sum()}/{(d < -1e-9).sum()}"
+            diff, wtl = ('—', '—') if m == 'baseline' else delta_cells(acc, base)
             labels = f"{lf:.0%} ({r0['n_train']} labelled, {r0['epochs']} ep, {len(done)} seeds)"
-            out.append(f"| {labels} | {m} | {acc.mean()*100:.2f} ± {sd(acc)*100:.2f} | {diff} | {wtl} | {by[(m, done[0])]['steps']} | {secs:.1f} |")
+            out.append(f"| {labels} | {m} | {mean_std(acc)} | {diff} | {wtl} | {by[(m, done[0])]['steps']} | {secs:.1f} |")
     return '\n'.join(out)
 
 def plot(rows:list[dict], fracs:list[float], seeds:list[int], fname:Path):
@@ -98,14 +63,14 @@ def plot(rows:list[dict], fracs:list[float], seeds:list[int], fname:Path):
     for k, m in enumerate(METHODS):
         xs, ys, es = [], [], []
         for lf in fracs:
-            by, done = complete(rows, lf, seeds)
+            by, done = complete(rows, lf, seeds, METHODS)
             if not done: continue
             acc = np.array([by[(m, s)]['acc'] for s in done])*100
             xs.append(lf*100 + (k-1)*0.6); ys.append(acc.mean()); es.append(acc.std(ddof=1) if len(acc) > 1 else 0)
         ax.errorbar(xs, ys, yerr=es, marker='o', capsize=3, label=LABELS[m])
     ax.set_xlabel('labelled fraction of the training set (%)'); ax.set_ylabel('validation accuracy (%)')
     ax.set_xticks([lf*100 for lf in fracs])
-    n = min(len(complete(rows, lf, seeds)[1]) for lf in fracs)
+    n = min(len(complete(rows, lf, seeds, METHODS)[1]) for lf in fracs)
     ax.set_title(f'digits 16x16, small CNN, mean ± std over {n} paired seeds', fontsize=9)
     ax.legend(fontsize=8); ax.grid(alpha=0.3)
     fig.tight_layout(); fig.savefig(fname, dpi=120); plt.close(fig)
@@ -131,7 +96,7 @@ def main(
     print(f"python bench/semisup.py {' '.join(sys.argv[1:])}".strip() + "\n", flush=True)
     fracs, seed_list = [float(f) for f in fractions.split(',')], list(range(first_seed, first_seed+seeds))
     path = Path(out); path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    rows = load_rows(path)
     n_batches = {lf: len(digits_dls(size=size, label_fraction=lf, bs=bs, device='cpu').train) for lf in fracs}  # the same for every seed
     cfg = lambda lf: dict(label_fraction=lf, epochs=math.ceil(steps/n_batches[lf]), size=size, lr=lr, bs=bs, weight=weight)
     key = lambda r: tuple(r[k] for k in ('method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs', 'weight'))
@@ -144,8 +109,7 @@ def main(
                     c = dict(method=m, seed=seed, **cfg(lf))
                     if key(c) in have: continue
                     r = {**c, **run(m, seed, lf, c['epochs'], size, lr, bs, weight), 'threads': threads}
-                    rows.append(r); have.add(key(r))
-                    with path.open('a') as f: f.write(json.dumps(r) + '\n')
+                    rows.append(r); have.add(key(r)); append_row(path, r)
                     print(f"seed {seed} {lf:.0%} {m:<9} acc {r['acc']*100:6.2f}%  {r['secs']:5.1f}s  (total {time.time()-start:6.0f}s)", flush=True)
     sel = [r for r in rows if r['label_fraction'] in n_batches and key(r) == key(dict(method=r['method'], seed=r['seed'], **cfg(r['label_fraction'])))]
     print(f"\nmachine: {torch.get_num_threads()} torch thread(s), CPU, torch {torch.__version__}; total {time.time()-start:.0f}s\n")
