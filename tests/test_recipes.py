@@ -117,11 +117,13 @@ def offline(recipe, tmp_path, *args):
     return r.stderr
 
 
-def test_cifar_offline(tmp_path):
-    "A failed download: one message naming the URL tried and --path, a non-zero exit, no traceback"
+@pytest.mark.parametrize('recipe,dataset,url,option', [('cifar.py', 'cifar10', 'CIFAR', '--path'),  # option: how to pass a local copy
+    ('distill.py', 'CIFAR', 'CIFAR', '--dataset'), ('semisup.py', 'CIFAR_100', 'CIFAR_100', '--dataset')])
+def test_offline(recipe, dataset, url, option, tmp_path):
+    "A failed download: one line naming the URL tried and the option that takes a local copy, a non-zero exit, no traceback"
     from fastai.data.external import URLs
-    err = offline('cifar.py', tmp_path, '--dataset', 'cifar10', '--epochs', 1)
-    assert err.count('Could not download') == 1 and URLs.CIFAR in err and '--path' in err, err
+    err = offline(recipe, tmp_path, '--dataset', dataset, '--epochs', 1)
+    assert err.count('\n') == 1 and err.startswith('Could not download') and getattr(URLs, url) in err and option in err, err
 
 
 @pytest.mark.slow
@@ -203,6 +205,13 @@ def test_step_schedule(cifar):
     f = cifar.step_schedule(0.1)
     lrs = [f(torch.tensor(e/300)) for e in (0, 89.9, 90.1, 179.9, 180.1, 279.9, 280.1, 299.9)]
     np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4], rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['distill', 'semisup'])
+def test_dataset_not_found(name):
+    "--dataset neither digits, a folder nor a fastai URLs name: one message, no download tried"
+    from fastcore.script import CliError
+    with pytest.raises(CliError, match='--dataset CIFAR10: not digits, a folder or a fastai URLs name'): load_recipe(name).get_path('CIFAR10')
 
 
 def touch(path:Path):
