@@ -1,71 +1,30 @@
 "Tests of `fastai_cds.baselines` (DSN, DKS, DHM) inside real fastai training loops, against independent expectations."
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
-import zipfile
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import CancelFitException
 from fastai.callback.mixup import MixUp
-from fastai.callback.progress import ProgressCallback
-from fastai.layers import ConvLayer, Flatten
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
-from fastai.torch_core import set_seed
 
 from fastai_cds.baselines import DHMCallback, DKSCallback, DSNCallback, pairwise_kl
 from fastai_cds.callback import CDSCallback, LossTerms
-from fastai_cds.data import digits_dls, digits_items, digits_splits
+from fastai_cds.data import digits_items, digits_splits
 from fastai_cds.export import DeepSupervisionModel
 from fastai_cds.heads import AuxClassifier
 
+from helpers import BLOCKED, CPUAutocast, Spy, no_bar, run_children, scan_pickle, snapshot, stop, tiny_cnn
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny models on a shared 2-core machine: one intra-op thread is many times faster than two"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    set_seed(0)
-
-
-@pytest.fixture(scope="module")
-def dls():
-    return digits_dls(size=16, label_fraction=0.3, bs=16, device="cpu")
-
-
-def tiny_cnn(n_out=10):
-    "Stages '0', '1', '2' (stride 2 each); '2' is the final feature map"
-    return nn.Sequential(ConvLayer(1, 8, stride=2), ConvLayer(8, 16, stride=2), ConvLayer(16, 32, stride=2),
-                         nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(32, n_out))
+pytestmark = pytest.mark.usefixtures("seeded")  # set_seed(0) before every test (conftest.py, like the `dls` fixture)
 
 
 def learner(dls, cb, **kwargs):
-    learn = Learner(dls, tiny_cnn(), loss_func=kwargs.pop("loss_func", CrossEntropyLossFlat()), cbs=cb, **kwargs)
-    learn.remove_cb(ProgressCallback)
-    return learn
-
-
-class Spy(Callback):
-    "Run plain functions (no arguments) at some events, at a chosen `order`"
-    def __init__(self, order=0, **events):
-        self.order = order
-        for k, f in events.items(): object.__setattr__(self, k, f)
-
-
-def stop():
-    raise CancelFitException()
+    "`tiny_cnn`: stages '0', '1', '2' (stride 2 each); '2' is the final feature map"
+    return no_bar(Learner(dls, tiny_cnn(), loss_func=kwargs.pop("loss_func", CrossEntropyLossFlat()), cbs=cb, **kwargs))
 
 
 def stop_after(n):
@@ -74,10 +33,6 @@ def stop_after(n):
         k[0] += 1
         if k[0] >= n: raise CancelFitException()
     return f
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 # ---------------------------------------------------------------- independent references (float64, explicit sums)
@@ -177,15 +132,6 @@ def test_mixup_aux_classifiers_get_hard_labels(dls):
     assert abs(ce_rec - ref_ce(got["final"], y).item()) > 1e-3
 
 
-class CPUAutocast(Callback):
-    "bf16 autocast around forward and loss on CPU (fastai's to_bf16 uses autocast('cuda'), a no-op here)"
-    order = 10
-    def before_batch(self):
-        self.ctx = torch.autocast("cpu", dtype=torch.bfloat16)
-        self.ctx.__enter__()
-    def after_loss(self): self.ctx.__exit__(None, None, None)
-
-
 def test_losses_in_fp32_under_bf16_autocast(dls):
     learn = learner(dls, DKSCallback(T=2., verbose=False))
     learn.add_cb(CPUAutocast())
@@ -260,14 +206,7 @@ def test_heads_train_record_and_save_load(dls, method, tmp_path):
 
 
 # ---------------------------------------------------------------- 4. clean export
-CHILD = textwrap.dedent("""
-    import sys
-    sys.modules['fastai_cds'] = None  # fastai_cds cannot be imported in this process
-    import json, warnings
-    warnings.filterwarnings('ignore')
-    import torch
-    from fastai.learner import load_learner
-    d = sys.argv[1]
+CHILD = BLOCKED + textwrap.dedent("""
     inputs = torch.load(f'{d}/inputs.pt', weights_only=False)
     res, out = {}, {}
     for kind in sys.argv[2:]:
@@ -303,12 +242,9 @@ def test_export_is_plain_and_predicts_the_same(dls, tmp_path):
         expected[kind] = (pred, learn.get_preds(dl=dls.test_dl(items))[0])
         learn.export(tmp_path / f"{kind}.pkl")
         assert isinstance(learn.model, DeepSupervisionModel)  # the in-memory learner keeps its heads
-        raw = open(tmp_path / f"{kind}.pkl", "rb").read()
-        with zipfile.ZipFile(tmp_path / f"{kind}.pkl") as z: raw += b"".join(z.read(n) for n in z.namelist())
+        raw = b"".join(scan_pickle(tmp_path / f"{kind}.pkl"))
         assert b"fastai_cds" not in raw and b"AuxClassifier" not in raw
-    r = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), *kinds], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_children((CHILD, tmp_path, *kinds))
     res, out = json.load(open(tmp_path / "res.json")), torch.load(tmp_path / "out.pt", weights_only=False)
     assert res["loaded"] == []
     plain_sd = [[k, list(v.shape)] for k, v in tiny_cnn().state_dict().items()]

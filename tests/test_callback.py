@@ -9,56 +9,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle/fine_tune/lr_find)
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
-from fastai.callback.progress import ProgressCallback
-from fastai.data.block import CategoryBlock, DataBlock
-from fastai.data.transforms import IndexSplitter, ItemGetter, Normalize
-from fastai.layers import ConvLayer, Flatten
+from fastai.layers import Flatten
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai.torch_core import set_seed
-from fastai.vision.augment import Resize
-from fastai.vision.core import PILImage, PILImageBW
-from fastai.vision.data import ImageBlock
 from fastai.vision.learner import vision_learner
 
 from fastai_cds.callback import CDSCallback, LossTerms
-from fastai_cds.data import digits_items
 from fastai_cds.export import DeepSupervisionModel
 from fastai_cds.losses import SupConLoss
 
+from helpers import CPUAutocast, Spy, is_bn, no_bar, ref_supcon, small_dls, snapshot, stop, tiny_cnn
+
+pytestmark = pytest.mark.usefixtures('seeded')  # set_seed(0) before every test (conftest.py)
+
 
 # ---------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _seed():
-    set_seed(0)
-
-
-def small_dls(n_train=32, n_valid=16, size=16, n_channels=1, bs=8, labels=True, drop_last=True):
-    "Digits DataLoaders with exactly `n_train`/`n_valid` items, Normalize as the only batch transform (fast)"
-    items, _ = digits_items(n_channels)
-    items = items[:n_train + n_valid]
-    img = ImageBlock(cls=PILImageBW if n_channels == 1 else PILImage)
-    blocks, getters = ((img, CategoryBlock), [ItemGetter(0), ItemGetter(1)]) if labels else ((img,), [ItemGetter(0)])
-    db = DataBlock(blocks=blocks, getters=getters, n_inp=1,
-                   splitter=IndexSplitter(list(range(n_train, n_train + n_valid))), item_tfms=Resize(size),
-                   batch_tfms=[Normalize.from_stats([0.3] * n_channels, [0.35] * n_channels, cuda=False)])
-    return db.dataloaders(items, bs=bs, num_workers=0, drop_last=drop_last, device='cpu')
-
-
-def tiny_cnn(n_in=1, n_out=10):
-    "A plain nn.Sequential CNN: three stride-2 ConvLayers (stages '0', '1', '2'), pool, linear"
-    return nn.Sequential(ConvLayer(n_in, 8, stride=2), ConvLayer(8, 16, stride=2), ConvLayer(16, 32, stride=2),
-                         nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(32, n_out))
-
-
-def no_bar(learn):
-    learn.remove_cb(ProgressCallback)
-    return learn
-
-
 def tiny_learner(dls=None, cds=None, loss_func=None, **kwargs):
     dls = dls if dls is not None else small_dls()
     cds = cds if cds is not None else CDSCallback(verbose=False)
@@ -66,38 +34,8 @@ def tiny_learner(dls=None, cds=None, loss_func=None, **kwargs):
                           cbs=cds, **kwargs))
 
 
-class Spy(Callback):
-    "Run plain functions (no arguments) at some events, at a chosen `order`"
-    def __init__(self, order=0, **events):
-        self.order = order
-        for k, f in events.items(): object.__setattr__(self, k, f)
-
-
-def stop():
-    raise CancelFitException()
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def param_snapshot(module):
     return {k: p.detach().clone() for k, p in module.named_parameters()}
-
-
-def ref_supcon(z, labels, temperature=0.07, base_temperature=0.07):
-    "Dense SupCon in float64, anchor by anchor: positives = other rows with the same id, denominator = all other rows"
-    z = z.double()
-    n2 = z.shape[0]
-    ids = (torch.arange(n2 // 2) if labels is None else torch.as_tensor(labels).reshape(-1).cpu()).tolist() * 2
-    sim = z @ z.T / temperature
-    total = 0.
-    for i in range(n2):
-        others = [k for k in range(n2) if k != i]
-        log_den = torch.logsumexp(sim[i, others], 0)
-        pos = [k for k in others if ids[k] == ids[i]]
-        total = total - (temperature / base_temperature) * sum(sim[i, k] - log_den for k in pos) / len(pos)
-    return total / n2
 
 
 def manual_valid(learn):
@@ -119,10 +57,6 @@ def count_calls(modules):
     n = [0]
     def inc(*_): n[0] += 1
     return n, [m.register_forward_hook(inc) for m in modules]
-
-
-def is_bn(m):
-    return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
 # ---------------------------------------------------------------- 1. loss composition
@@ -589,15 +523,6 @@ def test_supcon_low_precision_embeddings(dtype, supervised):
     assert abs(got.item() - ref.item()) < 1e-2
     got.backward()
     assert zl.grad.dtype == dtype and torch.isfinite(zl.grad).all()
-
-
-class CPUAutocast(Callback):
-    "bf16 autocast around forward and loss on CPU: fastai's `to_bf16` (MixedPrecision) uses autocast('cuda'), a no-op here"
-    order = 10
-    def before_batch(self):
-        self.ctx = torch.autocast('cpu', dtype=torch.bfloat16)
-        self.ctx.__enter__()
-    def after_loss(self): self.ctx.__exit__(None, None, None)
 
 
 def test_one_batch_under_cpu_bf16_autocast():

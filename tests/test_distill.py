@@ -3,12 +3,8 @@
 student in a process where fastai_cds cannot be imported; a teacher loaded from a file in a fresh process."""
 import copy
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,98 +12,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle)
-from fastai.callback.core import Callback, CancelFitException
-from fastai.callback.progress import ProgressCallback
-from fastai.data.block import CategoryBlock, DataBlock
-from fastai.data.transforms import IndexSplitter, ItemGetter, Normalize
-from fastai.layers import ConvLayer, Flatten
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
-from fastai.vision.augment import Resize
-from fastai.vision.core import PILImageBW
-from fastai.vision.data import ImageBlock
 
 from fastai_cds.callback import CDSCallback
-from fastai_cds.data import digits_items
 from fastai_cds.distill import Distiller, KDCallback, Teacher, load_teacher
 from fastai_cds.export import DeepSupervisionModel
+
+from helpers import (BLOCKED, CPUAutocast, Spy, is_bn, no_bar, ref_supcon, run_children, scan_pickle, small_dls, snapshot,
+                     stop, tiny_cnn)
 
 T_WIDTHS, S_WIDTHS = (16, 32, 64), (8, 16, 32)  # teacher / student stage widths: every adapter is a Linear(32, 64)
 
 
 # ---------------------------------------------------------------- helpers
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny models on a 2-core machine: one intra-op thread is several times faster (no spinning threads)"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_dls(n_train=64, n_valid=16, size=16, bs=16):
-    "Digits DataLoaders with exactly `n_train`/`n_valid` items, Normalize as the only batch transform (fast, picklable)"
-    items = digits_items(1)[0][:n_train + n_valid]
-    db = DataBlock(blocks=(ImageBlock(cls=PILImageBW), CategoryBlock), getters=[ItemGetter(0), ItemGetter(1)], n_inp=1,
-                   splitter=IndexSplitter(list(range(n_train, n_train + n_valid))), item_tfms=Resize(size),
-                   batch_tfms=[Normalize.from_stats([0.3], [0.35], cuda=False)])
-    return db.dataloaders(items, bs=bs, num_workers=0, drop_last=True, device='cpu')
-
-
-def cnn(widths):
-    "Three stride-2 ConvLayers (stages '0', '1', '2'), pool, linear: an nn.Sequential picklable by reference"
-    a, b, c = widths
-    return nn.Sequential(ConvLayer(1, a, stride=2), ConvLayer(a, b, stride=2), ConvLayer(b, c, stride=2),
-                         nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(c, 10))
-
-
-def no_bar(learn):
-    learn.remove_cb(ProgressCallback)
-    return learn
+def make_dls():
+    "64 digits to train, 16 to validate, batches of 16"
+    return small_dls(n_train=64, bs=16)
 
 
 def teacher_learner(dls=None, path='.'):
     "The teacher's Learner: a wider CNN with CDS heads (rebuilt identically in the fresh process)"
-    return no_bar(Learner(dls if dls is not None else make_dls(), cnn(T_WIDTHS), loss_func=CrossEntropyLossFlat(),
-                          cbs=CDSCallback(verbose=False), path=path))
+    return no_bar(Learner(dls if dls is not None else make_dls(), tiny_cnn(widths=T_WIDTHS),
+                          loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(verbose=False), path=path))
 
 
 def student_learner(cbs, widths=S_WIDTHS, dls=None):
-    return no_bar(Learner(dls if dls is not None else make_dls(), cnn(widths), loss_func=CrossEntropyLossFlat(), cbs=cbs))
-
-
-class Spy(Callback):
-    "Run plain functions (no arguments) at some events, at a chosen `order`"
-    def __init__(self, order=0, **events):
-        self.order = order
-        for k, f in events.items(): object.__setattr__(self, k, f)
-
-
-def stop():
-    raise CancelFitException()
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def is_bn(m):
-    return isinstance(m, nn.modules.batchnorm._BatchNorm)
-
-
-def ref_supcon(z, ids, temperature=0.07):
-    "SupCon in float64, anchor by anchor; `ids` (N,) of the first N rows, repeated for the second N"
-    z = z.double()
-    ids = ids.tolist() * 2
-    sim = z @ z.T / temperature
-    total = 0.
-    for i in range(len(ids)):
-        others = [k for k in range(len(ids)) if k != i]
-        log_den = torch.logsumexp(sim[i, others], 0)
-        pos = [k for k in others if ids[k] == ids[i]]
-        total = total - sum(sim[i, k] - log_den for k in pos) / len(pos)
-    return total / len(ids)
+    return no_bar(Learner(dls if dls is not None else make_dls(), tiny_cnn(widths=widths), loss_func=CrossEntropyLossFlat(),
+                          cbs=cbs))
 
 
 def ref_distance(s, t, squared):
@@ -256,15 +189,6 @@ def test_teacher_heads_mapping(teacher):
                - terms['emb_0'].item()) > 1e-3
 
 
-class CPUAutocast(Callback):
-    "bf16 autocast around forward and loss on CPU (fastai's MixedPrecision uses autocast('cuda'), a no-op here)"
-    order = 10
-    def before_batch(self):
-        self.ctx = torch.autocast('cpu', dtype=torch.bfloat16)
-        self.ctx.__enter__()
-    def after_loss(self): self.ctx.__exit__(None, None, None)
-
-
 def test_one_batch_under_cpu_bf16_autocast(teacher):
     "The teacher runs inside the student's autocast; the distillation terms come out in fp32, close to the fp64 reference"
     set_seed(1)
@@ -283,7 +207,7 @@ def test_one_batch_under_cpu_bf16_autocast(teacher):
 def cds_plus_kdcallback():
     "One batch of CDSCallback() with KDCallback(teacher) (a teacher without heads): CE + 0.1 sum SupCon + soft CE on view 1"
     set_seed(0)
-    t = cnn(T_WIDTHS)
+    t = tiny_cnn(widths=T_WIDTHS)
     learn = student_learner([CDSCallback(verbose=False), KDCallback(t)])
     cap = Capture()
     capture_model(cap, 's', learn.model)
@@ -351,19 +275,7 @@ def test_creating_a_student_leaves_a_bn_train_teacher_unchanged(teacher):
 
 
 # ---------------------------------------------------------------- 3. a full student fit, export, fresh processes
-CHILD_EXPORT = textwrap.dedent("""
-    import sys
-    sys.modules['fastai_cds'] = None  # before anything: fastai_cds cannot be imported in this process
-    import json, warnings
-    warnings.filterwarnings('ignore')
-    try:
-        import fastai_cds
-        blocked = False
-    except ImportError:
-        blocked = True
-    import torch
-    from fastai.learner import load_learner
-    d = sys.argv[1]
+CHILD_EXPORT = BLOCKED + textwrap.dedent("""
     x = torch.load(f'{d}/x.pt')
     res, out = {'blocked': blocked}, {}
     for kind in sys.argv[2:]:
@@ -379,12 +291,13 @@ CHILD_EXPORT = textwrap.dedent("""
 """)
 
 CHILD_TEACHER = textwrap.dedent("""
-    import sys, importlib.util, warnings
+    import sys, importlib.util, os, warnings
     warnings.filterwarnings('ignore')
     import torch
     torch.set_num_threads(1)
     from fastai_cds.distill import Teacher, load_teacher
     d, test_file = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, os.path.dirname(test_file))  # the test file imports `helpers`, next to it
     spec = importlib.util.spec_from_file_location('test_distill_child', test_file)
     td = importlib.util.module_from_spec(spec); spec.loader.exec_module(td)
     x = torch.load(f'{d}/x.pt')
@@ -415,11 +328,7 @@ def fitted(teacher, tmp_path_factory):
         plain = learn.model.model if isinstance(learn.model, DeepSupervisionModel) else learn.model
         plain.eval()
         with torch.no_grad(): preds[kind] = plain(x)
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    procs = [subprocess.Popen([sys.executable, '-c', CHILD_EXPORT, str(d), 'cds', 'kd'], env=env, stderr=subprocess.PIPE, text=True),
-             subprocess.Popen([sys.executable, '-c', CHILD_TEACHER, str(d), __file__], env=env, stderr=subprocess.PIPE, text=True)]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    for p, e in zip(procs, errs): assert p.returncode == 0, e[-4000:]
+    run_children((CHILD_EXPORT, d, 'cds', 'kd'), (CHILD_TEACHER, d, __file__))
     return dict(dir=d, cds=cds, kd=kd, x=x, preds=preds, t_before=t_before, t_modes=t_modes, aux_before=aux_before,
                 res=json.load(open(d / 'res.json')), out=torch.load(d / 'out.pt'), t_out=torch.load(d / 'teacher_out.pt'))
 
@@ -457,14 +366,12 @@ def test_export_in_a_process_without_fastai_cds(teacher, fitted):
     res, out = fitted['res'], fitted['out']
     assert res['blocked'] and res['loaded_cds_modules'] == []
     for kind in ('cds', 'kd'):
-        assert res[kind]['keys'] == list(cnn(S_WIDTHS).state_dict()), "not the student's plain state_dict"
+        assert res[kind]['keys'] == list(tiny_cnn(widths=S_WIDTHS).state_dict()), "not the student's plain state_dict"
         assert res[kind]['model_type'] == 'torch.nn.modules.container.Sequential'
         assert not any(c.startswith('fastai_cds') for c in res[kind]['cbs'])
         torch.testing.assert_close(out[kind], fitted['preds'][kind], atol=1e-5, rtol=0)
         assert fitted['preds'][kind].std(0).sum() > 0
-        raw = open(fitted['dir'] / f'{kind}.pkl', 'rb').read()
-        with zipfile.ZipFile(fitted['dir'] / f'{kind}.pkl') as z:
-            members = b''.join(z.read(n) for n in z.namelist())
+        raw, members = scan_pickle(fitted['dir'] / f'{kind}.pkl')
         assert b'fastai_cds' not in raw and b'fastai_cds' not in members
         # no teacher, adapter or head inside: none of their weights is in the file
         tm = teacher.model
@@ -499,7 +406,7 @@ def test_head_count_mismatch_names_both_lists(teacher):
 
 
 def test_teacher_without_heads_is_rejected():
-    plain = no_bar(Learner(make_dls(), cnn(T_WIDTHS), loss_func=CrossEntropyLossFlat()))
+    plain = no_bar(Learner(make_dls(), tiny_cnn(widths=T_WIDTHS), loss_func=CrossEntropyLossFlat()))
     for make in (lambda: CDSCallback(teacher=plain), lambda: Distiller(plain.model), lambda: Distiller.paper(plain)):
         with pytest.raises(ValueError, match='no CDS heads.*CDSCallback'): make()
     with pytest.raises(ValueError, match='no CDS heads'): load_teacher(lambda: plain, 'teacher')

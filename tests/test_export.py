@@ -1,12 +1,8 @@
 """Tests of `fastai_cds.export`: `learn.export()` of a CDS learner gives a plain fastai Learner that loads and predicts
 the same in a process where fastai_cds cannot be imported; the in-memory learner keeps training with its heads."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
-import zipfile
 from functools import partial
 
 import pytest
@@ -14,8 +10,6 @@ import torch
 import torch.nn as nn
 import fastai.callback.fp16  # noqa: F401  (patches Learner.to_fp16)
 from fastai.callback.mixup import MixUp
-from fastai.callback.progress import ProgressCallback
-from fastai.layers import ConvLayer, Flatten
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 from fastai.vision.learner import create_vision_model, vision_learner
@@ -25,30 +19,18 @@ from fastai_cds.callback import CDSCallback, LossTerms
 from fastai_cds.data import digits_dls, digits_items, digits_splits
 from fastai_cds.export import DeepSupervisionModel, split_with_heads
 
+from helpers import BLOCKED, no_bar, run_children, scan_pickle, tiny_cnn
+
 KINDS = ["cnn", "resnet18", "fp16", "mixup"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny models on a 2-core machine: one intra-op thread is several times faster (no spinning threads)"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def small_cnn():
-    "A plain nn.Sequential of fastai/torch layers: picklable by reference, rebuilt identically for (2)"
-    return nn.Sequential(ConvLayer(1, 8, stride=2), ConvLayer(8, 16, stride=2), ConvLayer(16, 32, stride=2),
-                         nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(32, 10))
-
-
 def fresh_model(kind):
+    "The plain model of `kind`, rebuilt identically (`tiny_cnn`: plain fastai/torch layers, picklable by reference)"
     if kind == "resnet18":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return create_vision_model(resnet18, 10, pretrained=False, n_in=3)
-    return small_cnn()
+    return tiny_cnn()
 
 
 def cds():
@@ -62,29 +44,7 @@ def fit(learn, epochs=1):
             learn.fit(epochs, 1e-3)
 
 
-def scan_pickle(fname):
-    "Every byte of the file and of every zip member (torch.save writes a zip of uncompressed records)"
-    raw = open(fname, "rb").read()
-    members = b""
-    with zipfile.ZipFile(fname) as z:
-        for n in z.namelist():
-            members += z.read(n)
-    return raw, members
-
-
-CHILD = textwrap.dedent("""
-    import sys
-    sys.modules['fastai_cds'] = None  # before anything: fastai_cds cannot be imported in this process
-    import json, warnings
-    warnings.filterwarnings('ignore')
-    try:
-        import fastai_cds
-        blocked = False
-    except ImportError:
-        blocked = True
-    import torch
-    from fastai.learner import load_learner
-    d = sys.argv[1]
+CHILD = BLOCKED + textwrap.dedent("""
     inputs = torch.load(f'{d}/inputs.pt', weights_only=False)
     res = {'blocked': blocked}
     out = {}
@@ -125,12 +85,12 @@ def exported(tmp_path_factory):
     dls3 = digits_dls(device="cpu", size=32, n_channels=3, label_fraction=0.05, valid_pct=0.05, bs=16)
     learners = {}
     set_seed(0)
-    learners["cnn"] = Learner(dls1, small_cnn(), cbs=cds())
+    learners["cnn"] = Learner(dls1, tiny_cnn(), cbs=cds())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         learners["resnet18"] = vision_learner(dls3, resnet18, pretrained=False, cbs=cds())
-    learners["fp16"] = Learner(dls1, small_cnn(), cbs=cds()).to_fp16()
-    learners["mixup"] = Learner(dls1, small_cnn(), cbs=[cds(), MixUp()])
+    learners["fp16"] = Learner(dls1, tiny_cnn(), cbs=cds()).to_fp16()
+    learners["mixup"] = Learner(dls1, tiny_cnn(), cbs=[cds(), MixUp()])
 
     items = {1: digits_items(1)[0], 3: digits_items(3)[0]}
     valid = digits_splits(digits_items()[1], 0.05, 1., 0)[2][:10]
@@ -153,10 +113,7 @@ def exported(tmp_path_factory):
                             cbs=list(learn.cbs))
         learn.export(d / f"{kind}.pkl")
     torch.save(inputs, d / "inputs.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", CHILD, str(d), *KINDS], capture_output=True, text=True, timeout=300,
-                       env=env)
-    assert r.returncode == 0, r.stderr[-4000:]
+    run_children((CHILD, d, *KINDS))
     res = json.load(open(d / "res.json"))
     out = torch.load(d / "out.pt", weights_only=False)
     return dict(dir=d, learners=learners, before=before, expected=expected, res=res, out=out)
@@ -237,8 +194,7 @@ def test_in_memory_learner_keeps_training(exported):
 
 def test_export_before_training(tmp_path):
     "Right after Learner creation (heads attached, no optimizer yet) the export is plain too"
-    learn = Learner(digits_dls(device="cpu", size=16, label_fraction=0.05, valid_pct=0.05, bs=16), small_cnn(), cbs=cds())
-    learn.remove_cb(ProgressCallback)
+    learn = no_bar(Learner(digits_dls(device="cpu", size=16, label_fraction=0.05, valid_pct=0.05, bs=16), tiny_cnn(), cbs=cds()))
     assert isinstance(learn.model, DeepSupervisionModel)
     learn.export(tmp_path / "e.pkl")
     raw, members = scan_pickle(tmp_path / "e.pkl")
@@ -246,12 +202,11 @@ def test_export_before_training(tmp_path):
     assert isinstance(learn.model, DeepSupervisionModel) and learn.opt is None
     loaded = torch.load(tmp_path / "e.pkl", weights_only=False)
     assert type(loaded.model) is nn.Sequential
-    assert [k for k in loaded.model.state_dict()] == [k for k in small_cnn().state_dict()]
+    assert [k for k in loaded.model.state_dict()] == [k for k in tiny_cnn().state_dict()]
 
 
 def test_export_drops_fastai_cds_metrics(tmp_path):
     "A fastai_cds metric in metrics= stays on the learner but is not written into the export"
-    import subprocess, sys
     from fastai.vision.all import Learner, ConvLayer, CrossEntropyLossFlat, accuracy
     from fastai_cds.all import CDSCallback, ExpectedCalibrationError, digits_dls
     dls = digits_dls(size=16, label_fraction=0.3, bs=16, device='cpu')
@@ -262,9 +217,5 @@ def test_export_drops_fastai_cds_metrics(tmp_path):
     learn.export(fname)
     assert ece in learn.metrics
     assert b'fastai_cds' not in fname.read_bytes()
-    code = ("import sys; sys.modules['fastai_cds'] = None\n"
-            "from fastai.learner import load_learner\n"
-            f"l = load_learner(r'{fname}'); print(len(l.metrics))")
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith('1')
+    out = run_children((BLOCKED + "print(len(load_learner(f'{d}/m.pkl').metrics))", tmp_path))[0]
+    assert out.strip().endswith('1')

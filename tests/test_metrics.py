@@ -7,8 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fastai.callback.progress import ProgressCallback
-from fastai.layers import ConvLayer, Flatten
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
@@ -18,13 +16,7 @@ from fastai_cds.baselines import DSNCallback
 from fastai_cds.data import digits_dls
 from fastai_cds.metrics import ExpectedCalibrationError, calibration_bins, ece, plot_reliability
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import no_bar, tiny_cnn
 
 
 def ref_ece(probs, targets, n_bins):
@@ -80,11 +72,9 @@ def test_ece_extremes_and_bad_input():
 def trained():
     set_seed(0)
     dls = digits_dls(size=16, label_fraction=0.3, bs=16, device="cpu")
-    cnn = nn.Sequential(ConvLayer(1, 8, stride=2), ConvLayer(8, 16, stride=2), ConvLayer(16, 32, stride=2),
-                        nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(32, 10))
     metric = ExpectedCalibrationError()
-    learn = Learner(dls, cnn, loss_func=CrossEntropyLossFlat(), metrics=[accuracy, metric], cbs=DSNCallback(verbose=False))
-    learn.remove_cb(ProgressCallback)
+    learn = no_bar(Learner(dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(), metrics=[accuracy, metric],
+                           cbs=DSNCallback(verbose=False)))
     learn.fit(2, 1e-2)
     return learn, metric
 

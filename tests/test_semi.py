@@ -2,60 +2,35 @@
 training loops: the mixed loss against a hand computation, no use of unlabelled labels, the unlabelled loader's cycle,
 BatchNorm over both, untouched validation, a clean export, errors at fit start; `split_labelled` on any DataLoaders."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
-import zipfile
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from fastai.callback.core import Callback, CancelFitException
-from fastai.callback.progress import ProgressCallback
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import Datasets
-from fastai.data.transforms import Categorize, IndexSplitter, IntToFloatTensor, ItemGetter, Normalize, ToTensor
-from fastai.layers import ConvLayer, Flatten
+from fastai.data.transforms import Categorize, IndexSplitter, IntToFloatTensor, Normalize, ToTensor
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 from fastai.vision.augment import Resize
-from fastai.vision.core import PILImage, PILImageBW
+from fastai.vision.core import PILImageBW
 from fastai.vision.data import ImageBlock
 
 from fastai_cds.callback import CDSCallback
 from fastai_cds.data import digits_items
 from fastai_cds.semi import UnlabelledViews, contrastive_ids, split_labelled
 
-MEAN, STD = 0.3, 0.35
+from helpers import (BLOCKED, MEAN, STD, Spy, digits_block, is_bn, no_bar, ref_supcon, run_children, scan_pickle,
+                     small_dls, stop, tiny_cnn)
 
 
 # ---------------------------------------------------------------- helpers
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny models on a 2-core machine: one intra-op thread is several times faster (no spinning threads)"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def block(n_channels=1, labels=True, size=16, splitter=None):
-    img = ImageBlock(cls=PILImageBW if n_channels == 1 else PILImage)
-    blocks, getters = ((img, CategoryBlock), [ItemGetter(0), ItemGetter(1)]) if labels else ((img,), [ItemGetter(0)])
-    return DataBlock(blocks=blocks, getters=getters, n_inp=1, splitter=splitter, item_tfms=Resize(size),
-                     batch_tfms=[Normalize.from_stats([MEAN] * n_channels, [STD] * n_channels, cuda=False)])
-
-
 def lab_dls(n_train=64, n_valid=16, bs=16, size=16):
-    "Labelled digits DataLoaders: the first `n_train` digits to train, the next `n_valid` to validate; Normalize only"
-    items = digits_items(1)[0][:n_train + n_valid]
-    db = block(size=size, splitter=IndexSplitter(list(range(n_train, n_train + n_valid))))
-    return db.dataloaders(items, bs=bs, num_workers=0, drop_last=True, device='cpu')
+    "Labelled digits DataLoaders (`small_dls`): the first `n_train` digits to train, the next `n_valid` to validate"
+    return small_dls(n_train, n_valid, size, bs=bs)
 
 
 def unlab_dl(n=24, bs=8, start=500, size=16, n_channels=1, labels='true', drop_last=True):
@@ -64,38 +39,21 @@ def unlab_dl(n=24, bs=8, start=500, size=16, n_channels=1, labels='true', drop_l
     items = digits_items(n_channels)[0][start:start + n]
     if labels == 'shuffled': items = [(im, int(y)) for (im, _), y in zip(items, np.random.default_rng(1).permutation([y for _, y in items]))]
     if labels == 'zero': items = [(im, 0) for im, _ in items]
-    db = block(n_channels, labels is not None, size, splitter=IndexSplitter([]))
+    db = digits_block(n_channels, labels is not None, size, splitter=IndexSplitter([]))
     return db.dataloaders(items, bs=bs, num_workers=0, drop_last=drop_last, device='cpu').train
 
 
 def normalised(items):
     "The Normalize'd (1, 16, 16) tensors of digit items as `unlab_dl` makes them, to recognise unlabelled images"
-    dl = block(splitter=IndexSplitter([])).dataloaders(items, bs=len(items), num_workers=0, device='cpu').train.new(shuffle=False)
+    dl = digits_block(splitter=IndexSplitter([])).dataloaders(items, bs=len(items), num_workers=0, device='cpu').train.new(shuffle=False)
     return dl.one_batch()[0].as_subclass(torch.Tensor)
 
 
-def cnn():
-    "Three stride-2 ConvLayers (stages '0', '1', '2'), pool, linear"
-    return nn.Sequential(ConvLayer(1, 8, stride=2), ConvLayer(8, 16, stride=2), ConvLayer(16, 32, stride=2),
-                         nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(32, 10))
-
-
 def learner(dls, udl, **kwargs):
-    learn = Learner(dls, cnn(), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(unlabelled=udl, verbose=False, **kwargs))
-    learn.remove_cb(ProgressCallback)
+    learn = no_bar(Learner(dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(),
+                           cbs=CDSCallback(unlabelled=udl, verbose=False, **kwargs)))
     learn.logger = lambda *_: None  # no table printed
     return learn
-
-
-class Spy(Callback):
-    "Run plain functions (no arguments) at some events, at a chosen `order`"
-    def __init__(self, order=0, **events):
-        self.order = order
-        for k, f in events.items(): object.__setattr__(self, k, f)
-
-
-def stop():
-    raise CancelFitException()
 
 
 def counter(learn):
@@ -117,24 +75,6 @@ def drawn(monkeypatch):
         return u
     monkeypatch.setattr(UnlabelledViews, 'next', next_)
     return rec
-
-
-def ref_supcon(z, ids, temperature=0.07):
-    "SupCon in float64, anchor by anchor; `ids` (K,) of the first K rows, repeated for the second K"
-    z = z.double()
-    ids = ids.tolist() * 2
-    sim = z @ z.T / temperature
-    total = 0.
-    for i in range(len(ids)):
-        others = [k for k in range(len(ids)) if k != i]
-        log_den = torch.logsumexp(sim[i, others], 0)
-        pos = [k for k in others if ids[k] == ids[i]]
-        total = total - sum(sim[i, k] - log_den for k in pos) / len(pos)
-    return total / len(ids)
-
-
-def is_bn(m):
-    return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
 # ---------------------------------------------------------------- 1. the mixed loss
@@ -272,19 +212,7 @@ def test_validation_is_untouched(drawn):
 
 
 # ---------------------------------------------------------------- 4. export
-CHILD = textwrap.dedent("""
-    import sys
-    sys.modules['fastai_cds'] = None  # before anything: fastai_cds cannot be imported in this process
-    import json, warnings
-    warnings.filterwarnings('ignore')
-    try:
-        import fastai_cds
-        blocked = False
-    except ImportError:
-        blocked = True
-    import torch
-    from fastai.learner import load_learner
-    d = sys.argv[1]
+CHILD = BLOCKED + textwrap.dedent("""
     learn = load_learner(f'{d}/semi.pkl')
     m = learn.model.eval()
     with torch.no_grad():
@@ -306,16 +234,13 @@ def test_export_is_plain_and_loads_without_fastai_cds(tmp_path):
     torch.save(x, tmp_path / 'x.pt')
     plain = learn.model.model.eval()
     with torch.no_grad(): pred = plain(x)
-    r = subprocess.run([sys.executable, '-c', CHILD, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert r.returncode == 0, r.stderr[-4000:]
+    run_children((CHILD, tmp_path))
     res = json.load(open(tmp_path / 'res.json'))
     assert res['blocked'] and res['loaded'] == []
-    assert res['keys'] == list(cnn().state_dict()) and res['type'] == 'torch.nn.modules.container.Sequential'
+    assert res['keys'] == list(tiny_cnn().state_dict()) and res['type'] == 'torch.nn.modules.container.Sequential'
     assert not any(c.startswith('fastai_cds') for c in res['cbs'])
     torch.testing.assert_close(torch.load(tmp_path / 'pred.pt'), pred, atol=1e-5, rtol=0)
-    raw = open(tmp_path / 'semi.pkl', 'rb').read()
-    with zipfile.ZipFile(tmp_path / 'semi.pkl') as z: members = b''.join(z.read(k) for k in z.namelist())
+    raw, members = scan_pickle(tmp_path / 'semi.pkl')
     assert b'fastai_cds' not in raw and b'fastai_cds' not in members
     assert next(learn.model.heads[0].parameters()).detach().numpy().tobytes() not in members
 
