@@ -12,15 +12,15 @@ from fastcore.basics import store_attr
 from fastai.data.core import TfmdDL
 from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.torch_core import TensorImage
-from fastai.vision.augment import (AffineCoordTfm, RandTransform, Flip, Brightness, Contrast, Saturation, Hue,
+from fastai.vision.augment import (AffineCoordTfm, RandTransform, Flip, Brightness, Contrast, Saturation,
                                    affine_mat, grayscale, setup_aug_tfms)
 from fastai.vision.core import show_image
 from fastai.torch_core import subplots
 from fasttransform import Pipeline, ItemTransform
 
 # %% auto #0
-__all__ = ['resized_crop_mat', 'RandomResizedCropBatch', 'RandomGrayscale', 'simclr_tfms', 'TwoViews', 'view_pipelines',
-           'two_view_dl', 'show_views']
+__all__ = ['resized_crop_mat', 'RandomResizedCropBatch', 'hue_rotation_mat', 'HueRotate', 'RandomGrayscale', 'simclr_tfms',
+           'TwoViews', 'view_pipelines', 'two_view_dl', 'show_views']
 
 # %% ../nbs/03_views.ipynb #b3a32c22
 def resized_crop_mat(x:Tensor, min_scale:float=0.2, max_scale:float=1., ratio:tuple=(3/4, 4/3))->Tensor:
@@ -45,6 +45,28 @@ class RandomResizedCropBatch(AffineCoordTfm):
         super().__init__(aff_fs=partial(resized_crop_mat, min_scale=min_scale, max_scale=max_scale, ratio=ratio), size=size, **kwargs)
 
 # %% ../nbs/03_views.ipynb #2c496a8b
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])  # RGB -> YIQ
+_YIQ_INV = torch.linalg.inv(_YIQ)
+
+def hue_rotation_mat(h:Tensor)->Tensor:
+    "RGB matrices (bs, 3, 3) turning the hue by `h` (bs,) fractions of a turn: a rotation of the I-Q plane of YIQ"
+    c, s = (2*math.pi*h).cos(), (2*math.pi*h).sin()
+    o, z = torch.ones_like(h), torch.zeros_like(h)
+    rot = torch.stack([o, z, z,  z, c, s,  z, -s, c], 1).view(-1, 3, 3)  # this sign turns red towards green, as HSV hue
+    return _YIQ_INV.to(h) @ rot @ _YIQ.to(h)
+
+class HueRotate(RandTransform):
+    "Turn the hue of each RGB image by its own amount in [-`max_hue`, `max_hue`] of a turn, with probability `p`"
+    order = 40  # with fastai's lighting transforms (Hue's order)
+    def __init__(self, max_hue:float=0.1, p:float=0.8): super().__init__(p=1.); self.max_hue, self.p_img = max_hue, p
+    def encodes(self, x:TensorImage):
+        if x.shape[1] != 3: return x
+        bs = x.shape[0]
+        h = x.new_empty(bs).uniform_(-self.max_hue, self.max_hue) * (torch.rand(bs, device=x.device) < self.p_img)
+        m = hue_rotation_mat(h.float()).to(x.dtype)
+        return torch.bmm(m, x.reshape(bs, 3, -1)).view_as(x).clamp_(0., 1.)
+
+# %% ../nbs/03_views.ipynb #ed46b4d7
 class RandomGrayscale(RandTransform):
     "Turn each RGB image of the batch to grayscale with probability `p`, drawn per image"
     order = 45
@@ -54,7 +76,7 @@ class RandomGrayscale(RandTransform):
         keep = torch.rand(x.shape[0], device=x.device) >= self.p_img
         return torch.where(keep[:,None,None,None], x, grayscale(x).expand_as(x))
 
-# %% ../nbs/03_views.ipynb #ed46b4d7
+# %% ../nbs/03_views.ipynb #99077677
 def simclr_tfms(
     size:int|tuple|None=None, # output size (default: the input's)
     n_channels:int=3, # saturation, hue and grayscale need RGB; 1-channel images get crop, flip, brightness, contrast
@@ -65,13 +87,13 @@ def simclr_tfms(
     p_jitter:float=0.8, # probability of each colour change
     p_gray:float=0.2, # probability of grayscale
 )->list:
-    "The reference code's view-2 augmentation, as fastai GPU batch transforms"
+    "The reference code's view-2 augmentation, as batch transforms drawn per image (fastai's, and `HueRotate`)"
     tfms = [RandomResizedCropBatch(size, min_scale)] + ([Flip()] if flip else [])
     tfms += [Brightness(jitter, p=p_jitter), Contrast(jitter, p=p_jitter)]
-    if n_channels == 3: tfms += [Saturation(jitter, p=p_jitter), Hue(hue, p=p_jitter), RandomGrayscale(p_gray)]
+    if n_channels == 3: tfms += [Saturation(jitter, p=p_jitter), HueRotate(hue, p=p_jitter), RandomGrayscale(p_gray)]
     return setup_aug_tfms(tfms)
 
-# %% ../nbs/03_views.ipynb #a5d20635
+# %% ../nbs/03_views.ipynb #8e6f532f
 class TwoViews(ItemTransform):
     "Batch transform giving `(cat(view1, view2), *ys)`: rows i and i+N are two views of item i"
     def __init__(self, view1:Pipeline, view2:Pipeline): store_attr()
@@ -92,7 +114,7 @@ def two_view_dl(dl:TfmdDL, view2_tfms:list|None=None)->TfmdDL:
     if view2_tfms is None: view2_tfms = simclr_tfms(n_channels=dl.one_batch()[0].shape[1])
     return dl.new(after_batch=Pipeline([TwoViews(*view_pipelines(dl, view2_tfms))]))
 
-# %% ../nbs/03_views.ipynb #8e6f532f
+# %% ../nbs/03_views.ipynb #18a266f9
 def show_views(dl:TfmdDL, view2_tfms:list|None=None, n:int=4, figsize:tuple|None=None):
     "Plot `n` items of `dl` as pairs: view 1 on the top row, view 2 below"
     x, *ys = two_view_dl(dl, view2_tfms).one_batch()

@@ -1,4 +1,4 @@
-"Tests of `fastai_cds.views`: the two-view DataLoader, the batch crop/grayscale transforms and `simclr_tfms`."
+"Tests of `fastai_cds.views`: the two-view DataLoader, the batch crop/hue/grayscale transforms and `simclr_tfms`."
 import itertools
 
 import matplotlib
@@ -11,22 +11,16 @@ import torch  # noqa: E402
 from fastai.data.block import CategoryBlock, DataBlock  # noqa: E402
 from fastai.data.transforms import IndexSplitter, ItemGetter, Normalize  # noqa: E402
 from fastai.torch_core import TensorImage, set_seed  # noqa: E402
-from fastai.vision.augment import Brightness, Contrast, Flip, Hue, Resize, Saturation  # noqa: E402
+from fastai.vision.augment import Resize  # noqa: E402
 from fastai.vision.core import PILImageBW  # noqa: E402
 from fastai.vision.data import ImageBlock  # noqa: E402
 
 from fastai_cds.data import digits_dls  # noqa: E402
 from fastai_cds.views import (  # noqa: E402
-    RandomGrayscale, RandomResizedCropBatch, TwoViews, resized_crop_mat, show_views, simclr_tfms, two_view_dl,
-    view_pipelines)
+    HueRotate, RandomGrayscale, RandomResizedCropBatch, TwoViews, hue_rotation_mat, resized_crop_mat, show_views,
+    simclr_tfms, two_view_dl, view_pipelines)
 
-BS = 16
-
-
-@pytest.fixture(scope="module")
-def dls():
-    "digits with the default (random) augmentation"
-    return digits_dls(device="cpu", size=16, label_fraction=0.3, bs=BS)
+BS = 16  # the batch size of `dls` (conftest.py): digits with the default (random) augmentation
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +208,47 @@ def test_random_grayscale_train_only():
     assert torch.equal(RandomGrayscale(p=1.)(x, split_idx=1), x)
 
 
+# ---------------------------------------------------------------- HueRotate
+def test_hue_rotation_mat_identity_luma_and_greys():
+    h = torch.tensor([0., 0.1, -0.3, 0.5])
+    m = hue_rotation_mat(h)
+    torch.testing.assert_close(m[0], torch.eye(3), atol=1e-6, rtol=0)
+    luma = torch.tensor([0.299, 0.587, 0.114])  # Y of YIQ (ITU-R BT.601): unchanged by a hue turn
+    torch.testing.assert_close(luma @ m, luma.expand(4, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(m @ torch.ones(3), torch.ones(4, 3), atol=1e-5, rtol=0)  # greys stay grey
+    torch.testing.assert_close(hue_rotation_mat(torch.tensor([1.])), torch.eye(3)[None], atol=1e-5, rtol=0)  # a full turn
+
+
+def test_hue_rotate_turns_like_torchvision():
+    "Same direction as torchvision's (HSV) adjust_hue and a change of similar size; red turns towards orange"
+    import torchvision.transforms.functional as TF
+    g = torch.Generator().manual_seed(0)
+    c = torch.rand(1000, 3, 1, 1, generator=g)
+    out = torch.bmm(hue_rotation_mat(torch.full((1000,), 0.1)), c.view(1000, 3, 1)).view_as(c).clamp(0, 1)
+    err = lambda h: (out - TF.adjust_hue(c, h)).abs().mean()
+    assert err(0.1) < 0.5*err(-0.1)
+    ratio = (out - c).abs().mean() / (TF.adjust_hue(c, 0.1) - c).abs().mean()
+    assert 0.67 < ratio < 1.5, ratio
+    red = torch.bmm(hue_rotation_mat(torch.tensor([0.05])), torch.tensor([[[1.], [0.], [0.]]])).flatten().clamp(0, 1)
+    assert red[0] > red[1] > red[2]
+
+
+def test_hue_rotate_per_image_p_and_passthrough():
+    x = img(torch.rand(1, 3, 8, 8).expand(16, 3, 8, 8).contiguous())
+    out = HueRotate(0.5, p=1.)(x, split_idx=0)
+    assert isinstance(out, TensorImage) and out.shape == x.shape
+    assert out.min() >= 0 and out.max() <= 1
+    d = (out - x).abs().flatten(1).amax(1)
+    assert (d > 1e-3).all() and len({round(v, 4) for v in d.tolist()}) > 1  # every image turned, each by its own amount
+    torch.testing.assert_close(HueRotate(0.5, p=0.)(x, split_idx=0), x, atol=1e-5, rtol=0)
+    x4 = img(torch.rand(1, 3, 8, 8).expand(400, 3, 8, 8).contiguous())
+    n_turned = int(((HueRotate(0.5, p=0.5)(x4, split_idx=0) - x4).abs().flatten(1).amax(1) > 1e-3).sum())
+    assert 150 < n_turned < 250, n_turned  # p is drawn per image
+    x1 = img(torch.rand(4, 1, 8, 8))
+    assert torch.equal(HueRotate(0.5, p=1.)(x1, split_idx=0), x1)  # 1-channel: nothing to turn
+    assert torch.equal(HueRotate(0.5, p=1.)(x, split_idx=1), x)  # validation: untouched
+
+
 # ---------------------------------------------------------------- simclr_tfms
 def _kinds(tfms):
     "Class names of the transforms and of the functions merged into them by `setup_aug_tfms`"
@@ -239,9 +274,10 @@ def test_simclr_tfms_one_channel():
 
 def test_simclr_tfms_three_channels():
     names = _kinds(simclr_tfms(n_channels=3))
-    for good in ("RandomResizedCropBatch", "_BrightnessLogit", "_ContrastLogit", "_SaturationLogit", "Hue",
+    for good in ("RandomResizedCropBatch", "_BrightnessLogit", "_ContrastLogit", "_SaturationLogit", "HueRotate",
                  "RandomGrayscale", "flip_mat"):
         assert good in names, good
+    assert "Hue" not in names and "_Hue" not in names  # fastai's HSV hue: 100x slower than HueRotate
     assert "flip_mat" not in _kinds(simclr_tfms(n_channels=3, flip=False))
     from fasttransform import Pipeline
     out = Pipeline(simclr_tfms(size=8, n_channels=3), split_idx=0)(img(torch.rand(4, 3, 16, 16)))
