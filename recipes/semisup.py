@@ -17,35 +17,22 @@ CIFAR-10/100; Adam with one-cycle over a few epochs instead of SGD over 300; vie
 import sys, tempfile, warnings
 from pathlib import Path
 import torchvision
-from fastcore.script import call_parse, CliError
+from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quickstart import small_cnn  # noqa: E402
+from _folders import folder_dls, get_path  # noqa: E402,F401  (get_path: tests call it)
 
 METHODS = ('base', 'cds', 'semi')
-
-def get_path(dataset:str)->Path:
-    "`dataset` if it is a folder, else fastai's download of `URLs.<dataset>`; when that fails, one clear message on how to pass a folder"
-    if Path(dataset).exists(): return Path(dataset)
-    url = getattr(URLs, dataset, None)
-    if not isinstance(url, str): raise CliError(f"--dataset {dataset}: not digits, a folder or a fastai URLs name (CIFAR, IMAGENETTE_160, ...)")
-    try: return untar_data(url)
-    except Exception as e:
-        raise CliError(f"Could not download {dataset} from {url} ({type(e).__name__}: {e}). If this machine is offline, download and "
-                       f"extract it elsewhere and pass the folder as --dataset (train/ and valid/, val/ or test/, a subfolder per class).")
 
 def get_data(dataset:str, size:int, bs:int, label_fraction:float, seed:int, unlabelled_bs:int, valid_pct:float=0.2):
     "(labelled DataLoaders, unlabelled DataLoader): digits (embedded), a fastai `URLs` name or a folder with train/ and valid/"
     if dataset == 'digits':
         dls, udl = digits_dls(size=size, bs=bs, label_fraction=label_fraction, seed=seed, valid_pct=valid_pct, unlabelled=True)
         return dls, udl.new(bs=unlabelled_bs)
-    path = get_path(dataset)
-    valid = next((v for v in ('valid', 'val', 'test') if (path/v).exists()), None)
-    if valid is None: raise CliError(f"{path} has no valid/, val/ or test/ folder")
-    dls = ImageDataLoaders.from_folder(path, train='train', valid=valid, item_tfms=Resize(size), bs=bs, seed=seed,
-                                       batch_tfms=[*aug_transforms(), Normalize.from_stats(*imagenet_stats)])
+    dls = folder_dls(dataset, size, bs, seed)
     return split_labelled(dls, label_fraction, seed, unlabelled_bs)
 
 def make_learner(arch:str, dls:DataLoaders, cbs:list, pretrained:bool=False)->Learner:
