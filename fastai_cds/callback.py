@@ -22,7 +22,7 @@ from .semi import UnlabelledViews, contrastive_ids
 from .distill import Distiller
 
 # %% auto #0
-__all__ = ['DeepSupervisionCallback', 'LossTerms', 'add_loss_terms', 'CDSCallback']
+__all__ = ['DeepSupervisionCallback', 'LossTerms', 'add_loss_terms', 'CDSCallback', 'DeviceMixedPrecision', 'to_mixed_precision']
 
 # %% ../nbs/05_callback.ipynb #d0dd2a23
 class DeepSupervisionCallback(Callback):
@@ -225,3 +225,22 @@ class CDSCallback(DeepSupervisionCallback):
         self.learn.loss_grad, self.learn.loss = loss, loss.detach().clone()
         self.terms = {'ce': ce.detach(), **{k: v.detach() for k,v in terms.items()}}
         self._n, self._extra, self.ds.head_outputs, self.ds.stage_outputs = None, None, None, None
+
+# %% ../nbs/05_callback.ipynb #0da8ab3f
+from torch.amp import GradScaler
+from fastai.callback.fp16 import MixedPrecision, AMPMode
+
+def _device_type(dls)->str: return torch.device(dls.device or 'cpu').type  # `dls.device` may be a string, or None (CPU)
+
+class DeviceMixedPrecision(MixedPrecision):
+    "fastai's `MixedPrecision` in bfloat16 on the DataLoaders' device, whatever it is (fastai's autocasts CUDA only)"
+    def __init__(self): super().__init__(AMPMode.BF16)
+    def before_fit(self):
+        dev = _device_type(self.dls)
+        if dev == 'cuda': return super().before_fit()
+        self.autocast, self.learn.scaler, self.scales = torch.autocast(dev, dtype=torch.bfloat16), GradScaler(dev, enabled=False), L()
+
+def to_mixed_precision(learn:Learner)->Learner:
+    "bfloat16 autocast where the device supports it, else float16 with loss scaling (fastai's `to_fp16`)"
+    if _device_type(learn.dls) != 'cuda' or torch.cuda.is_bf16_supported(): return learn.add_cb(DeviceMixedPrecision())
+    return learn.to_fp16()

@@ -28,9 +28,7 @@ import torchvision
 from fastcore.basics import str_enum
 from fastcore.script import call_parse, CliError
 from fastai.vision.all import *
-from fastai.callback.fp16 import MixedPrecision, AMPMode
-from torch.amp import GradScaler
-from fastai_cds.callback import CDSCallback
+from fastai_cds.callback import CDSCallback, to_mixed_precision
 from fastai_cds.metrics import ece
 from fastai_cds.data import digits_items
 
@@ -80,18 +78,6 @@ def method_cbs(method:str)->list:
     try: import fastai_cds.baselines as baselines
     except ImportError: raise CliError(f"--method {method} needs fastai_cds.baselines, which this install of fastai_cds does not have")
     return [getattr(baselines, f'{method.upper()}Callback')()]
-
-class CPUMixedPrecision(MixedPrecision):
-    "fastai's `MixedPrecision` in bfloat16 on a device other than CUDA (fastai's autocasts CUDA only)"
-    def __init__(self): super().__init__(AMPMode.BF16)
-    def before_fit(self):
-        dev = self.dls.device.type
-        self.autocast, self.learn.scaler, self.scales = torch.autocast(dev, dtype=torch.bfloat16), GradScaler(dev, enabled=False), L()
-
-def to_mixed_precision(learn:Learner)->Learner:
-    "bfloat16 autocast where the device supports it, else float16 with loss scaling (fastai's `to_fp16`)"
-    if learn.dls.device.type != 'cuda': return learn.add_cb(CPUMixedPrecision())
-    return learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
 
 def torch_arch(name:str):
     "The torchvision model constructor called `name`"

@@ -55,7 +55,7 @@ def make_learner(arch:str, dls:DataLoaders, cbs:list, pretrained:bool=False)->Le
 
 def speedups(learn:Learner, fp16:bool, channels_last:bool)->Learner:
     "Mixed precision and channels-last memory format, as asked"
-    if fp16: learn.to_fp16()
+    if fp16: to_mixed_precision(learn)
     if channels_last: learn.to_channelslast(use_amp=False)
     return learn
 
@@ -85,7 +85,7 @@ def main(
     teacher_file:str='', # load the teacher from this `learn.save` file (.pth) (same --teacher arch) instead of training it
     save_teacher:str='', # save the trained teacher to this file (`learn.save`), for a later --teacher-file
     pretrained:bool=False, # ImageNet weights for torchvision architectures (downloads them)
-    fp16:bool=False, # mixed precision (`to_fp16`; on a CPU fastai turns it off with a warning)
+    fp16:bool=False, # mixed precision: bfloat16 where the device supports it (CPU too), else float16 (fastai's to_fp16)
     channels_last:bool=False, # channels-last memory format (`to_channelslast`)
     export:str='distill_student.pkl', # where to export the student ('' to skip)
     threads:int=0, # torch intra-op threads (0: torch's default; 1 is often faster for small models on a busy CPU)

@@ -55,7 +55,7 @@ def main(
     size:int=16, # image size
     seed:int=0, # fixes the splits, the initialisation and the augmentation
     pretrained:bool=False, # ImageNet weights for torchvision architectures (downloads them)
-    fp16:bool=False, # mixed precision (`to_fp16`; on a CPU fastai turns it off with a warning)
+    fp16:bool=False, # mixed precision: bfloat16 where the device supports it (CPU too), else float16 (fastai's to_fp16)
     channels_last:bool=False, # channels-last memory format (`to_channelslast`)
     export:str='semisup.pkl', # where to export the model ('' to skip)
     threads:int=0, # torch intra-op threads (0: torch's default; 1 is often faster for small models on a busy CPU)
@@ -78,7 +78,7 @@ def main(
     cbs = {'base': [], 'cds': [CDSCallback(weight=weight, view2_tfms=v2)],
            'semi': [CDSCallback(weight=weight, view2_tfms=v2, unlabelled=udl)]}[method]
     learn = make_learner(arch, dls, cbs, pretrained)
-    if fp16: learn.to_fp16()
+    if fp16: to_mixed_precision(learn)
     if channels_last: learn.to_channelslast(use_amp=False)
     learn.fit_one_cycle(epochs, lr)
     if export: learn.export(Path(export).absolute())

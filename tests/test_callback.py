@@ -17,11 +17,11 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.vision.learner import vision_learner
 
-from fastai_cds.callback import CDSCallback, LossTerms
+from fastai_cds.callback import CDSCallback, DeviceMixedPrecision, LossTerms, to_mixed_precision
 from fastai_cds.export import DeepSupervisionModel
 from fastai_cds.losses import SupConLoss
 
-from helpers import CPUAutocast, Spy, is_bn, no_bar, ref_supcon, small_dls, snapshot, stop, tiny_cnn
+from helpers import CPUAutocast, Spy, is_bn, no_bar, ref_supcon, scan_pickle, small_dls, snapshot, stop, tiny_cnn
 
 pytestmark = pytest.mark.usefixtures('seeded')  # set_seed(0) before every test (conftest.py)
 
@@ -537,3 +537,23 @@ def test_one_batch_under_cpu_bf16_autocast():
     assert got['loss'].dtype == torch.float32
     _check_step(learn, got, before, after)
 
+
+
+def test_to_mixed_precision_on_cpu_bf16_forward_fp32_losses_dropped_at_export(tmp_path):
+    "fastai's to_fp16/to_bf16 autocast on CUDA only; ours autocasts on the DataLoaders' device and leaves the export"
+    from fastai.callback.fp16 import MixedPrecision
+    from fastai.learner import load_learner
+    learn = no_bar(Learner(small_dls(), tiny_cnn(), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(verbose=False)))
+    assert to_mixed_precision(learn) is learn
+    seen = []
+    learn.add_cb(Spy(5, after_pred=lambda: learn.training and seen.append((learn.pred.dtype, [z.dtype for z in learn.model.head_outputs])),
+                     after_loss=lambda: learn.training and seen.append((learn.loss_grad.dtype, [t.dtype for t in learn.cds.terms.values()]))))
+    learn.fit(1)
+    assert seen[0] == (torch.bfloat16, [torch.bfloat16] * len(learn.model.heads))  # forward and heads in bf16
+    assert seen[1][0] == torch.float32 and set(seen[1][1]) == {torch.float32}  # CE and contrastive terms in fp32
+    assert torch.isfinite(learn.recorder.losses[-1])
+    learn.export(tmp_path/'m.pkl')
+    raw, members = scan_pickle(tmp_path/'m.pkl')
+    assert b'fastai_cds' not in raw and b'fastai_cds' not in members
+    assert not any(isinstance(cb, MixedPrecision) for cb in load_learner(tmp_path/'m.pkl').cbs)
+    assert sum(isinstance(cb, DeviceMixedPrecision) for cb in learn.cbs) == 1  # still on the training learner
