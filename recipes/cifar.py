@@ -20,7 +20,7 @@ Deviations from the reference code:
 - `--fp16` is bfloat16 autocast where the device supports it (CPU, Ampere and later GPUs), float16 with loss
   scaling on older GPUs; the reference code trains in fp32.
 """
-import argparse, atexit, shutil, tempfile, time, warnings
+import argparse, sys, time, warnings
 from functools import partial
 from pathlib import Path
 from typing import Annotated
@@ -29,8 +29,8 @@ from fastcore.basics import str_enum
 from fastcore.script import call_parse, CliError
 from fastai.vision.all import *
 from fastai_cds.callback import CDSCallback, to_mixed_precision
-from fastai_cds.metrics import ece
-from fastai_cds.data import digits_items
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, report, smoke_folder  # noqa: E402  (run before or after training: not pickled into an export)
 
 Dataset = str_enum('Dataset', 'cifar10', 'cifar100')
 Switch = Annotated[bool, {'action': argparse.BooleanOptionalAction}]  # --flag / --no-flag
@@ -92,35 +92,11 @@ def download(name:str, url:str)->Path:
         raise CliError(f"Could not download {name} from {url} ({type(e).__name__}: {e}). If this machine is offline, "
                        f"download and extract it elsewhere and pass the folder with --path (train/ and test/ class subfolders).")
 
-def smoke_folder(size:int, valid:str, n_train:int=3, n_valid:int=2)->Path:
-    "An ImageNet-style folder of scikit-learn's digits (train/ and `valid`/, a subfolder per class) in a temporary directory"
-    root = Path(tempfile.mkdtemp(prefix='cds_smoke_'))
-    atexit.register(shutil.rmtree, root, True)
-    seen = {}
-    for im, y in digits_items(n_channels=3)[0]:
-        k = seen[y] = seen.get(y, -1) + 1
-        if k >= n_train + n_valid: continue
-        (d := root/('train' if k < n_train else valid)/str(y)).mkdir(parents=True, exist_ok=True)
-        PILImage.create(im).resize((size, size)).save(d/f'{k}.png')
-    return root
-
 def check_folder(path:Path, valid:str)->Path:
     "`path`, if it has train/ and `valid`/ folders of class subfolders"
     if not all((path/d).is_dir() and any(p.is_dir() for p in (path/d).iterdir()) for d in ('train', valid)):
         raise CliError(f"--path {path}: expected an ImageNet-style folder with train/ and {valid}/, each with one subfolder per class")
     return path
-
-def print_table(row:dict):
-    "One result row as a markdown table"
-    cols = {k: str(v) for k,v in row.items()}
-    w = [max(len(k), len(v)) for k,v in cols.items()]
-    for line in (cols.keys(), ['-'*n for n in w], cols.values()): print('| ' + ' | '.join(s.ljust(n) for s,n in zip(line, w)) + ' |')
-
-def report(learn:Learner, setting:dict, paper:float|None, secs:float):
-    "Validation top-1, calibration error and loss of `learn`, printed as a table with the paper's number"
-    with learn.no_bar(): probs, targs, losses = learn.get_preds(with_loss=True)
-    print_table({**setting, 'top-1 (%)': f'{accuracy(probs, targs).item()*100:.2f}', 'ECE (%)': f'{ece(probs, targs)*100:.2f}',
-                 'valid loss': f'{losses.mean().item():.4f}', 'paper top-1 (%)': paper or '-', 'train time': f'{secs:.1f} s' if secs < 120 else f'{secs/60:.1f} min'})
 
 @call_parse
 def main(

@@ -16,7 +16,7 @@ rates with one-cycle), on images presized to 256 then augmented on the batch wit
 (random resized crop to 224, flip, small rotation/zoom/warp, lighting). CDS's view 2 is cropped from the same
 presized image, independently of view 1. `--fp16` is bfloat16 autocast where the device supports it, else float16.
 """
-import argparse, atexit, shutil, tempfile, time, warnings
+import argparse, sys, time, warnings
 from pathlib import Path
 from typing import Annotated
 import pandas as pd
@@ -26,8 +26,8 @@ from fastcore.script import call_parse, CliError
 from fastai.vision.all import *
 from fastai_cds.callback import CDSCallback, to_mixed_precision
 from fastai_cds.views import simclr_tfms
-from fastai_cds.metrics import ece
-from fastai_cds.data import digits_items
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, report, smoke_folder  # noqa: E402  (run before or after training: not pickled into an export)
 
 Dataset = str_enum('Dataset', 'cub', 'cars', 'flowers', 'dogs', 'aircraft')
 Switch = Annotated[bool, {'action': argparse.BooleanOptionalAction}]  # --flag / --no-flag
@@ -115,31 +115,6 @@ def make_learner(dls:DataLoaders, arch:str, pretrained:bool, **kwargs)->Learner:
     except OSError as e:  # urllib's URLError included
         raise CliError(f"Could not download the ImageNet weights of {arch} ({type(e).__name__}: {e}). Put the weights file in "
                        f"{torch.hub.get_dir()}/checkpoints, or pass --no-pretrained to train from scratch.")
-
-def smoke_folder(size:int, valid:str, n_train:int=3, n_valid:int=2)->Path:
-    "An ImageNet-style folder of scikit-learn's digits (train/ and `valid`/, a subfolder per class) in a temporary directory"
-    root = Path(tempfile.mkdtemp(prefix='cds_smoke_'))
-    atexit.register(shutil.rmtree, root, True)
-    seen = {}
-    for im, y in digits_items(n_channels=3)[0]:
-        k = seen[y] = seen.get(y, -1) + 1
-        if k >= n_train + n_valid: continue
-        (d := root/('train' if k < n_train else valid)/str(y)).mkdir(parents=True, exist_ok=True)
-        PILImage.create(im).resize((size, size)).save(d/f'{k}.png')
-    return root
-
-def print_table(row:dict):
-    "One result row as a markdown table"
-    cols = {k: str(v) for k,v in row.items()}
-    w = [max(len(k), len(v)) for k,v in cols.items()]
-    for line in (cols.keys(), ['-'*n for n in w], cols.values()): print('| ' + ' | '.join(s.ljust(n) for s,n in zip(line, w)) + ' |')
-
-def report(learn:Learner, setting:dict, paper:float|None, secs:float):
-    "Validation top-1, calibration error and loss of `learn`, printed as a table with the paper's number"
-    with learn.no_bar(): probs, targs, losses = learn.get_preds(with_loss=True)
-    print_table({**setting, 'top-1 (%)': f'{accuracy(probs, targs).item()*100:.2f}', 'ECE (%)': f'{ece(probs, targs)*100:.2f}',
-                 'valid loss': f'{losses.mean().item():.4f}', 'paper top-1 (%)': paper or '-',
-                 'train time': f'{secs:.1f} s' if secs < 120 else f'{secs/60:.1f} min'})
 
 @call_parse
 def main(

@@ -23,7 +23,7 @@ from fastai_cds.all import *
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quickstart import small_cnn  # noqa: E402
-from _folders import folder_dls, get_path  # noqa: E402,F401  (get_path: tests call it)
+from _common import folder_dls, get_path  # noqa: E402,F401  (get_path: tests call it)
 
 METHODS = ('base', 'cds', 'semi')
 
