@@ -49,3 +49,9 @@ def report(learn:Learner, setting:dict, paper:float|None, secs:float):
     with learn.no_bar(): probs, targs, losses = learn.get_preds(with_loss=True)
     print_table({**setting, 'top-1 (%)': f'{accuracy(probs, targs).item()*100:.2f}', 'ECE (%)': f'{ece(probs, targs)*100:.2f}',
                  'valid loss': f'{losses.mean().item():.4f}', 'paper top-1 (%)': paper or '-', 'train time': f'{secs:.1f} s' if secs < 120 else f'{secs/60:.1f} min'})
+
+def print_export(fname:str, what:str='model'):
+    "Load the exported learner `fname` back and say what it holds"
+    loaded = load_learner(Path(fname).absolute())
+    print(f"exported the {what} to {Path(fname).absolute()}: a plain {type(loaded.model).__name__}, "
+          f"{sum(p.numel() for p in loaded.model.parameters())} parameters")

@@ -27,7 +27,7 @@ from fastai_cds.all import *
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quickstart import small_cnn  # noqa: E402
-from _common import folder_dls, get_path  # noqa: E402,F401  (get_path: tests call it)
+from _common import folder_dls, get_path, print_export  # noqa: E402,F401  (get_path: tests call it)
 
 METHODS = ('student', 'kd', 'cds', 'cds+kd')
 
@@ -121,7 +121,4 @@ def main(
         t_acc, s_acc = float(t.validate()[1]), float(learn.validate()[1])
     print(f"{dataset}, {label_fraction:.0%} of the training labels: teacher {teacher} {t_acc*100:.2f}%, "
           f"student {student} ({method}) {s_acc*100:.2f}%")
-    if export:
-        loaded = load_learner(Path(export).absolute())
-        print(f"exported the student to {Path(export).absolute()}: a plain {type(loaded.model).__name__}, "
-              f"{sum(p.numel() for p in loaded.model.parameters())} parameters")
+    if export: print_export(export, 'student')
