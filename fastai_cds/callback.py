@@ -143,19 +143,20 @@ class CDSCallback(DeepSupervisionCallback):
         teacher:Learner|Distiller|None=None, # distillation: a Learner trained with CDSCallback, or a `Distiller` for other settings
         head:str='sepconv', # 'sepconv' (reference heads) or 'mlp'
         head_dim:int=128, # embedding size of 'mlp' heads
+        checkpoint_heads:bool=False, # 'sepconv' heads recompute their activations in the backward pass: less memory, more time
         **kwargs, # layers, scheme, max_stages, verbose: see `DeepSupervisionCallback`
     ):
         if not weight >= 0: raise ValueError(f"CDSCallback: weight must be >= 0, got {weight}")
         if ce_views not in (1, 2): raise ValueError(f"CDSCallback: ce_views must be 1 or 2, got {ce_views}")
         if head not in ('sepconv', 'mlp'): raise ValueError(f"CDSCallback: head must be 'sepconv' or 'mlp', got {head!r}")
         super().__init__(**kwargs)
-        store_attr('weight,supervised,ce_views,view2_tfms,unlabelled,head,head_dim')
+        store_attr('weight,supervised,ce_views,view2_tfms,unlabelled,head,head_dim,checkpoint_heads')
         self.contrastive = SupConLoss(temperature, base_temperature)
         self.distiller = teacher if teacher is None or isinstance(teacher, Distiller) else Distiller(teacher)
         self._n, self._warned = None, False
 
     def make_heads(self, stages, final):
-        return nn.ModuleList([ProjectionHead(s, final, self.head, self.head_dim) for s in stages])
+        return nn.ModuleList([ProjectionHead(s, final, self.head, self.head_dim, checkpoint=self.checkpoint_heads) for s in stages])
     def make_aux(self, heads, x):
         "Distillation adapters from the student's heads (or stages) to the teacher's"
         if self.distiller is None: return None

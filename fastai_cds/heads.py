@@ -5,13 +5,16 @@
 # %% ../nbs/02_heads.ipynb #f72638d7
 from __future__ import annotations
 import math
+from contextlib import contextmanager, nullcontext
+from functools import partial
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from fastai.layers import Flatten
 from .stages import StageInfo
 
 # %% auto #0
-__all__ = ['L2Norm', 'sep_conv_block', 'conv_trunk', 'ProjectionHead', 'AuxClassifier']
+__all__ = ['L2Norm', 'sep_conv_block', 'CheckpointedSequential', 'conv_trunk', 'ProjectionHead', 'AuxClassifier']
 
 # %% ../nbs/02_heads.ipynb #3c6f97a8
 class L2Norm(nn.Module):
@@ -26,15 +29,34 @@ def sep_conv_block(ni:int, nf:int, stride:int=2)->nn.Sequential:
         nn.Conv2d(ni, ni, 3, 1, 1, groups=ni, bias=False), nn.Conv2d(ni, nf, 1, bias=False),
         nn.BatchNorm2d(nf), nn.ReLU(inplace=True))
 
-# %% ../nbs/02_heads.ipynb #a89b014c
-def conv_trunk(stage:StageInfo, final:StageInfo)->nn.Sequential:
+# %% ../nbs/02_heads.ipynb #432eebc3
+@contextmanager
+def _frozen_bn_stats(m:nn.Module):
+    "BatchNorm layers of `m` run as in training but leave their running statistics and batch count as they were"
+    bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.track_running_stats]
+    saved = [(b.momentum, b.num_batches_tracked.clone()) for b in bns]
+    for b in bns: b.momentum = 0.  # running = 1 x running + 0 x batch: unchanged, through the same ops as the forward
+    try: yield
+    finally:
+        for b,(mom,n) in zip(bns, saved): b.momentum = mom; b.num_batches_tracked.copy_(n)
+
+class CheckpointedSequential(nn.Sequential):
+    "An `nn.Sequential` that keeps only its input for the backward pass and recomputes the rest (same parameters and keys)"
+    def forward(self, x:Tensor)->Tensor:
+        if not (self.training and torch.is_grad_enabled() and len(self)): return super().forward(x)
+        return torch_checkpoint(partial(nn.Sequential.forward, self), x, use_reentrant=False,
+                          context_fn=lambda: (nullcontext(), _frozen_bn_stats(self)))
+
+def conv_trunk(stage:StageInfo, final:StageInfo, checkpoint:bool=False)->nn.Sequential:
     "Sep-conv blocks taking `stage`'s map to `final`'s resolution and width (empty when they match)"
     n = max(0, round(math.log2(stage.size[0]/final.size[0])))
-    if n == 0: return nn.Sequential() if stage.channels == final.channels else nn.Sequential(sep_conv_block(stage.channels, final.channels, 1))
-    widths = [round(stage.channels * (final.channels/stage.channels)**((k+1)/n)) for k in range(n)]
-    return nn.Sequential(*[sep_conv_block(ni, nf) for ni,nf in zip([stage.channels]+widths[:-1], widths)])
+    if n == 0: blocks = [] if stage.channels == final.channels else [sep_conv_block(stage.channels, final.channels, 1)]
+    else:
+        widths = [round(stage.channels * (final.channels/stage.channels)**((k+1)/n)) for k in range(n)]
+        blocks = [sep_conv_block(ni, nf) for ni,nf in zip([stage.channels]+widths[:-1], widths)]
+    return (CheckpointedSequential if checkpoint else nn.Sequential)(*blocks)
 
-# %% ../nbs/02_heads.ipynb #432eebc3
+# %% ../nbs/02_heads.ipynb #0b9b46ff
 class ProjectionHead(nn.Sequential):
     "Maps a stage's feature map (bs, c, h, w) to an L2-normalised embedding (bs, dim)"
     def __init__(self,
@@ -43,15 +65,16 @@ class ProjectionHead(nn.Sequential):
         kind:str='sepconv', # 'sepconv' (the reference design) or 'mlp' (pool, Linear-ReLU-Linear)
         dim:int=128, # embedding size of the 'mlp' head
         hidden:int|None=None, # hidden width of the 'mlp' head (default: the stage's width)
+        checkpoint:bool=False, # 'sepconv': recompute the trunk in the backward pass instead of keeping its activations
     ):
-        if kind == 'sepconv': layers = [conv_trunk(stage, final), nn.AdaptiveAvgPool2d(1), Flatten()]
+        if kind == 'sepconv': layers = [conv_trunk(stage, final, checkpoint), nn.AdaptiveAvgPool2d(1), Flatten()]
         elif kind == 'mlp':
             h = hidden or stage.channels
             layers = [nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(stage.channels, h), nn.ReLU(inplace=True), nn.Linear(h, dim)]
         else: raise ValueError(f"ProjectionHead: kind must be 'sepconv' or 'mlp', got {kind!r}")
         super().__init__(*layers, L2Norm())
 
-# %% ../nbs/02_heads.ipynb #294c1c10
+# %% ../nbs/02_heads.ipynb #c30bc837
 class AuxClassifier(nn.Sequential):
     "A deep-supervision classifier on a stage: the same trunk as `ProjectionHead`, then a Linear layer"
     def __init__(self, stage:StageInfo, final:StageInfo, n_out:int):

@@ -557,3 +557,26 @@ def test_to_mixed_precision_on_cpu_bf16_forward_fp32_losses_dropped_at_export(tm
     assert b'fastai_cds' not in raw and b'fastai_cds' not in members
     assert not any(isinstance(cb, MixedPrecision) for cb in load_learner(tmp_path/'m.pkl').cbs)
     assert sum(isinstance(cb, DeviceMixedPrecision) for cb in learn.cbs) == 1  # still on the training learner
+
+
+def test_checkpoint_heads_trains_exactly_like_the_default():
+    "Recomputing the heads in the backward pass changes memory, not training: same keys, same weights after a step"
+    from fastai.torch_core import set_seed
+    from fastai_cds.heads import CheckpointedSequential
+    learners = []
+    for ck in (False, True):
+        set_seed(0)
+        learn = no_bar(Learner(small_dls(), tiny_cnn(), loss_func=CrossEntropyLossFlat(),
+                               cbs=[CDSCallback(view2_tfms=[], checkpoint_heads=ck, verbose=False), Spy(after_step=stop)]))
+        learners.append(learn)
+    a, b = learners
+    assert all(isinstance(h[0], CheckpointedSequential) for h in b.model.heads) and len(b.model.heads[0][0]) > 0
+    assert list(a.model.state_dict()) == list(b.model.state_dict())
+    b.model.load_state_dict(a.model.state_dict())
+    before = snapshot(a.model)
+    for learn in learners:
+        set_seed(1)
+        learn.fit(1)
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(va, vb, msg=k)
+    assert not torch.equal(before['heads.0.0.0.1.weight'], a.model.state_dict()['heads.0.0.0.1.weight'])  # the step trained the heads

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastai_cds.heads import AuxClassifier, L2Norm, ProjectionHead, conv_trunk, sep_conv_block
+from fastai_cds.heads import AuxClassifier, CheckpointedSequential, L2Norm, ProjectionHead, conv_trunk, sep_conv_block
 from fastai_cds.stages import StageInfo
 
 BS = 3
@@ -155,3 +155,55 @@ def test_heads_backprop_to_input():
     head(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is not None for p in head.parameters())
+
+
+# ---------------------------------------------------------------- checkpoint=True
+def _trunk_pair():
+    st, fin = StageInfo('layer1', 16, (16, 16), 4), StageInfo('layer4', 64, (2, 2), 32)
+    torch.manual_seed(0)
+    a, b = conv_trunk(st, fin), conv_trunk(st, fin, checkpoint=True)
+    assert type(a) is nn.Sequential and isinstance(b, CheckpointedSequential)
+    assert list(a.state_dict()) == list(b.state_dict())  # same keys: files load either way
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def test_checkpointed_trunk_same_output_gradients_and_bn_statistics():
+    a, b = _trunk_pair()
+    x = torch.randn(4, 16, 16, 16)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [m(xi) for m, xi in zip((a, b), xs)]
+    torch.testing.assert_close(outs[0], outs[1])
+    for o in outs: o.square().sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()): torch.testing.assert_close(pa.grad, pb.grad, msg=k)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, msg=k)  # running statistics moved once (the recomputation leaves them)
+    assert int(b[0][2].num_batches_tracked) == 1
+
+
+def test_checkpointed_trunk_keeps_only_its_input():
+    "What autograd saves for the backward pass during the forward: everything vs the input alone"
+    saved = {}
+    for name, m in zip(('plain', 'checkpointed'), _trunk_pair()):
+        x, n = torch.randn(4, 16, 16, 16, requires_grad=True), []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (n.append(t.numel() * t.element_size()), t)[1], lambda t: t):
+            m(x).sum().backward()
+        saved[name] = sum(n)
+    assert saved['checkpointed'] == 4 * 16 * 16 * 16 * 4  # the input, once
+    assert saved['plain'] > 4 * saved['checkpointed']
+
+
+def test_checkpointed_trunk_plain_in_eval_and_no_grad():
+    a, b = _trunk_pair()
+    x = torch.randn(2, 16, 16, 16)
+    with torch.no_grad(): torch.testing.assert_close(a(x), b(x))  # training mode, no graph: no checkpoint
+    assert int(b[0][2].num_batches_tracked) == 1
+    a.eval(); b.eval()
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_projection_head_checkpoint_option():
+    st, fin = StageInfo('layer1', 16, (16, 16), 4), StageInfo('layer4', 64, (2, 2), 32)
+    assert isinstance(ProjectionHead(st, fin, checkpoint=True)[0], CheckpointedSequential)
+    assert type(ProjectionHead(st, fin)[0]) is nn.Sequential
