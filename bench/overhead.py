@@ -1,9 +1,9 @@
 """What CDS costs, measured side by side: training step time and memory, two-view augmentation throughput, export.
 
-(a) One fastai training step (`Learner.one_batch`: callbacks, forward, loss, backward, optimizer step) of four learners
+(a) One fastai training step (`Learner.one_batch`: callbacks, forward, loss, backward, optimizer step) of five learners
     on the same images, interleaved step by step (order rotated every round), median over `--reps` steps each:
     CDS on N images (two views: 2N through the network), the plain model on the same 2N images (the floor: CDS cannot
-    cost less than a forward/backward of 2N images), the plain model on N images, and CDS with head='mlp'. Peak memory is
+    cost less than a forward/backward of 2N images), the plain model on N images, and CDS with head='mlp' and with checkpoint_heads=True. Peak memory is
     measured with torch.profiler (`profile_memory=True`: the allocations and frees of every op, summed in time order)
     plus the tensors that live across steps (parameters, gradients, optimizer state, the batch).
     Each head and the contrastive losses are also timed alone in the same rounds, to say where the time of CDS beyond
@@ -96,7 +96,8 @@ def component_fns(learn:Learner, x:Tensor, y:Tensor)->dict:
     fns = {f'head on {s} {tuple(o.shape[1:])}': head(h, o) for s,h,o in zip(ds.stages, ds.heads, outs)}
     return {**fns, 'contrastive losses': supcon}
 
-STEPS = ['CDS (N, two views)', 'plain 2N', 'plain N', "CDS, head='mlp'"]
+STEPS = ['CDS (N, two views)', 'plain 2N', 'plain N', "CDS, head='mlp'", 'CDS, checkpoint_heads=True']
+OPTIONS = STEPS[3:]  # other settings of CDSCallback
 
 def bench_steps(name:str, make, size:int, n:int, reps:int, warmup:int, profile_top:int)->dict:
     "Step time and memory of CDS on N vs plain on 2N and N, and the parts of CDS alone, all interleaved"
@@ -106,12 +107,13 @@ def bench_steps(name:str, make, size:int, n:int, reps:int, warmup:int, profile_t
     learners = {'CDS (N, two views)': Learner(dls, make(), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(verbose=False)),
                 'plain 2N': Learner(dls, make(), loss_func=CrossEntropyLossFlat()),
                 'plain N': Learner(dls, make(), loss_func=CrossEntropyLossFlat()),
-                "CDS, head='mlp'": Learner(dls, make(), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(head='mlp', verbose=False))}
+                "CDS, head='mlp'": Learner(dls, make(), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(head='mlp', verbose=False)),
+                'CDS, checkpoint_heads=True': Learner(dls, make(), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(checkpoint_heads=True, verbose=False))}
     for l in learners.values(): start_training(l)
     cds = learners['CDS (N, two views)']
     x, y = next(iter(cds.dl))  # two views of N images: (2N, 3, h, w), (N,)
     x, y = x.as_subclass(Tensor), y.as_subclass(Tensor)
-    batches = {'CDS (N, two views)': (x, y), 'plain 2N': (x, torch.cat([y, y])), 'plain N': (x[:n], y), "CDS, head='mlp'": (x, y)}
+    batches = {'CDS (N, two views)': (x, y), 'plain 2N': (x, torch.cat([y, y])), 'plain N': (x[:n], y), **{k: (x, y) for k in OPTIONS}}
     fns = {k: (lambda k=k: learners[k].one_batch(0, batches[k])) for k in STEPS}
     parts = component_fns(cds, x, y)
     fns.update(parts)
@@ -226,19 +228,19 @@ def main(
           "peak memory CDS / plain 2N (goal <= 1.15) | CDS / plain N |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        (c, p2, p1, _), (bc, b2) = [r['med'][k] for k in STEPS], [r['best'][k] for k in STEPS[:2]]
-        mc, m2, m1, _ = [r['mem'][k] for k in STEPS]
+        (c, p2, p1), (bc, b2) = [r['med'][k] for k in STEPS[:3]], [r['best'][k] for k in STEPS[:2]]
+        mc, m2, m1 = [r['mem'][k] for k in STEPS[:3]]
         print(f"| {r['name']}, N={r['n']} | {c:.0f} | {p2:.0f} | {p1:.0f} | {c/p2:.3f} ({ok(c/p2 <= 1.03)}) | {bc/b2:.3f} | {c/p1:.2f} | "
               f"{mc/m2:.3f} ({ok(mc/m2 <= 1.15)}; {mc/2**20:.0f} / {m2/2**20:.0f} MiB) | {mc/m1:.2f} |")
     print("\nStep times: medians (and the ratio of the fastest steps) of the interleaved rounds. Peak memory = parameters + "
           "gradients + optimizer state + batch + the peak of torch.profiler's per-op CPU allocations during one step "
           "(`profile_memory=True`).\n")
-    print("The cheaper head option, in the same interleaved rounds: `CDSCallback(head='mlp')` (pool, Linear-ReLU-Linear; "
-          "not the paper's sep-conv heads):\n")
-    print("| model | CDS head='mlp' step ms | CDS head='mlp' / plain 2N | peak memory CDS head='mlp' / plain 2N |\n|---|---|---|---|")
+    print("Other settings of CDSCallback, in the same interleaved rounds: `head='mlp'` (pool, Linear-ReLU-Linear; not the "
+          "paper's sep-conv heads) and `checkpoint_heads=True` (the sep-conv heads recompute their activations in the backward pass):\n")
+    print("| model | setting | step ms | step / plain 2N | peak memory / plain 2N |\n|---|---|---|---|---|")
     for r in results:
-        k = STEPS[3]
-        print(f"| {r['name']}, N={r['n']} | {r['med'][k]:.0f} | {r['med'][k]/r['med'][STEPS[1]]:.3f} | {r['mem'][k]/r['mem'][STEPS[1]]:.3f} |")
+        for k in OPTIONS:
+            print(f"| {r['name']}, N={r['n']} | {k} | {r['med'][k]:.0f} | {r['med'][k]/r['med'][STEPS[1]]:.3f} | {r['mem'][k]/r['mem'][STEPS[1]]:.3f} |")
     print()
     print("Where the CDS step's time beyond the plain-2N floor goes: each part alone on the 2N views (forward + backward), "
           "timed in the same interleaved rounds (median ms):\n")
