@@ -9,7 +9,7 @@ from torch import Tensor
 from fastcore.basics import store_attr
 from .stages import StageInfo
 from .heads import AuxClassifier
-from .callback import DeepSupervisionCallback
+from .callback import DeepSupervisionCallback, set_loss
 
 # %% auto #0
 __all__ = ['pairwise_kl', 'DSNCallback', 'DKSCallback', 'DHMCallback']
@@ -77,9 +77,7 @@ class DSNCallback(DeepSupervisionCallback):
             mimic = self.mimicry(logits)
             loss = ce + self.alpha * torch.stack(aux).sum()
             if mimic: loss = loss + self.beta * torch.stack(list(mimic.values())).sum()
-        self.learn.loss_grad = loss
-        self.learn.loss = loss.detach().clone()
-        self.terms = {'ce': ce.detach(), **{f'aux_{i}': a.detach() for i,a in enumerate(aux)}, **{k: v.detach() for k,v in mimic.items()}}
+        set_loss(self, loss, {'ce': ce, **{f'aux_{i}': a for i,a in enumerate(aux)}, **mimic})
         self._y, self.ds.head_outputs = None, None
 
 # %% ../nbs/09_baselines.ipynb #f559f1e3

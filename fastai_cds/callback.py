@@ -22,7 +22,8 @@ from .semi import UnlabelledViews, contrastive_ids
 from .distill import Distiller
 
 # %% auto #0
-__all__ = ['DeepSupervisionCallback', 'LossTerms', 'add_loss_terms', 'CDSCallback', 'DeviceMixedPrecision', 'to_mixed_precision']
+__all__ = ['DeepSupervisionCallback', 'LossTerms', 'add_loss_terms', 'set_loss', 'CDSCallback', 'DeviceMixedPrecision',
+           'to_mixed_precision']
 
 # %% ../nbs/05_callback.ipynb #d0dd2a23
 class DeepSupervisionCallback(Callback):
@@ -129,6 +130,11 @@ def add_loss_terms(learn)->LossTerms:
     if lt is None: learn.add_cb(lt := LossTerms())
     return lt
 
+def set_loss(cb:Callback, loss:Tensor, terms:dict[str,Tensor]):
+    "In `after_loss`: make `loss` the learner's (to backpropagate and to log) and `terms` what `LossTerms` records for `cb`"
+    cb.learn.loss_grad, cb.learn.loss = loss, loss.detach().clone()
+    cb.terms = {k: v.detach() for k,v in terms.items()}
+
 # %% ../nbs/05_callback.ipynb #b8bc360d
 class CDSCallback(DeepSupervisionCallback):
     "Contrastive deep supervision: the learner's loss on view 1 + `weight` x a contrastive loss on every head"
@@ -223,8 +229,7 @@ class CDSCallback(DeepSupervisionCallback):
             dterms = self.distiller.loss(self.distiller.student_features(self.ds), self._t_feats, self.ds.aux, self._s_logits, self._t_logits)
             loss, terms = loss + self.distiller.total(dterms), {**terms, **dterms}
             self._t_logits = self._t_feats = self._s_logits = None
-        self.learn.loss_grad, self.learn.loss = loss, loss.detach().clone()
-        self.terms = {'ce': ce.detach(), **{k: v.detach() for k,v in terms.items()}}
+        set_loss(self, loss, {'ce': ce, **terms})
         self._n, self._extra, self.ds.head_outputs, self.ds.stage_outputs = None, None, None, None
 
 # %% ../nbs/05_callback.ipynb #0da8ab3f

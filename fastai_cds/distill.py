@@ -146,7 +146,7 @@ class KDCallback(Callback):
         self.teacher, self.terms, self.term_names, self._t = Teacher(teacher, teacher_bn_train), {}, ['ce', 'kd'], None
 
     def after_create(self):
-        from fastai_cds.callback import add_loss_terms
+        from fastai_cds.callback import add_loss_terms  # callback.py imports this module
         add_loss_terms(self.learn)
     def before_fit(self):
         self.after_create()
@@ -158,6 +158,6 @@ class KDCallback(Callback):
     def after_loss(self):
         if self._t is None: return
         ce, kd = self.loss_grad, soft_target_loss(self.pred, self._t, self.T, self.kl)
-        self.learn.loss_grad = ce + self.weight*kd
-        self.learn.loss = self.loss_grad.detach().clone()
-        self.terms, self._t = {k: v.detach() for k,v in (('ce', ce), ('kd', kd)) if k in self.term_names}, None
+        from fastai_cds.callback import set_loss
+        set_loss(self, ce + self.weight*kd, {k: v for k,v in (('ce', ce), ('kd', kd)) if k in self.term_names})
+        self._t = None

@@ -38,7 +38,10 @@ def ece(
     n_bins:int=15, # equal-width confidence bins on [0, 1]
 )->float: # in [0, 1]
     "Expected calibration error: the |accuracy - confidence| gap of each confidence bin, weighted by its size"
-    count, acc, conf = calibration_bins(probs, targets, n_bins)
+    return _ece(*calibration_bins(probs, targets, n_bins))
+
+def _ece(count:Tensor, acc:Tensor, conf:Tensor)->float:
+    "ECE from the bins of `calibration_bins`"
     if count.sum() == 0: return float('nan')
     return float((count * (acc - conf).abs()).sum() / count.sum())
 
@@ -79,7 +82,7 @@ def plot_reliability(
     if isinstance(learn_or_preds, Learner): probs, targets = learn_or_preds.get_preds(dl=dl)[:2]
     else: probs, targets = learn_or_preds
     count, acc, conf = calibration_bins(probs, targets, n_bins)
-    e = ece(probs, targets, n_bins)
+    e = _ece(count, acc, conf)
     if ax is None: _, ax = plt.subplots(figsize=figsize)
     w = 1/n_bins
     full = (count > 0).cpu().numpy()
