@@ -1,7 +1,4 @@
 "Fixtures shared by the test files; plain helpers are in `helpers.py`."
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from fastai.torch_core import set_seed
@@ -11,9 +8,8 @@ from fastai_cds.data import digits_dls
 # Tiny models on a 2-core machine: one intra-op thread is no slower than two, and leaves no threads spinning.
 # Child processes get the same through OMP_NUM_THREADS=1 (`helpers.run_children`).
 torch.set_num_threads(1)
-# The test files `from helpers import ...`: pytest's default import mode (prepend) puts this folder on sys.path, this
-# line does it for --import-mode=importlib too
-if str(Path(__file__).parent) not in sys.path: sys.path.insert(0, str(Path(__file__).parent))
+# The test files `from helpers import ...`: pytest's default import mode (prepend) puts this folder (which is not a
+# package) on sys.path.
 
 
 @pytest.fixture

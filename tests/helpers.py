@@ -1,8 +1,8 @@
-"""Helpers shared by the test files (fixtures are in `conftest.py`): tiny digits data and CNNs, callbacks that watch a
-fit, float64 references, and fresh processes in which fastai_cds cannot be imported.
+"""Helpers shared by the test files (fixtures are in `conftest.py`): tiny digits data and CNNs, CDS learners, callbacks
+that watch a fit, float64 references of the losses, and fresh processes in which fastai_cds cannot be imported.
 
 `pytest` puts this folder on `sys.path` (its default `prepend` import mode: `tests/` is not a package), so the test
-files `from helpers import ...`; a script that loads a test file by path must insert the folder itself."""
+files `from helpers import ...`."""
 import os
 import subprocess
 import sys
@@ -11,15 +11,19 @@ import zipfile
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.transforms import IndexSplitter, ItemGetter, Normalize
 from fastai.layers import ConvLayer, Flatten
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage, PILImageBW
 from fastai.vision.data import ImageBlock
 
+from fastai_cds.cds import CDSCallback
 from fastai_cds.data import digits_items
 
 MEAN, STD = 0.3, 0.35  # Normalize stats of the digits, per channel
@@ -53,6 +57,28 @@ def no_bar(learn):
     return learn
 
 
+def tiny_learner(dls=None, cds=None, loss_func=None, **kwargs):
+    "A Learner of `tiny_cnn` on `dls` (default `small_dls()`) with `cds` (default `CDSCallback(verbose=False)`), no bar"
+    dls = dls if dls is not None else small_dls()
+    cds = cds if cds is not None else CDSCallback(verbose=False)
+    return no_bar(Learner(dls, tiny_cnn(dls.one_batch()[0].shape[1]), loss_func=loss_func or CrossEntropyLossFlat(),
+                          cbs=cds, **kwargs))
+
+
+def manual_valid(learn):
+    "Logits and targets of the plain model (`learn.model.model`), in eval mode, over the validation set"
+    m = learn.model.model
+    was = m.training
+    m.eval()
+    logits, ys = [], []
+    with torch.no_grad():
+        for xb, yb in learn.dls.valid:
+            logits.append(m(xb).float().as_subclass(torch.Tensor))
+            ys.append(yb.as_subclass(torch.Tensor))
+    m.train(was)
+    return torch.cat(logits), torch.cat(ys)
+
+
 # ---------------------------------------------------------------- watching a fit
 class Spy(Callback):
     "Run plain functions (no arguments) at some events, at a chosen `order`"
@@ -65,17 +91,26 @@ def stop():
     raise CancelFitException()
 
 
-class CPUAutocast(Callback):
-    "bf16 autocast around forward and loss on CPU: fastai's `to_bf16` (MixedPrecision) uses autocast('cuda'), a no-op here"
-    order = 10
-    def before_batch(self):
-        self.ctx = torch.autocast('cpu', dtype=torch.bfloat16)
-        self.ctx.__enter__()
-    def after_loss(self): self.ctx.__exit__(None, None, None)
-
-
 def snapshot(module):
+    "A copy of the state_dict (parameters and buffers)"
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def param_snapshot(module):
+    "A copy of the parameters, by name"
+    return {k: p.detach().clone() for k, p in module.named_parameters()}
+
+
+def count_calls(modules):
+    "Forward hooks counting the calls of `modules`: (a one-element counter list, the handles to remove)"
+    n = [0]
+    def inc(*_): n[0] += 1
+    return n, [m.register_forward_hook(inc) for m in modules]
+
+
+def hooked_modules(module):
+    "Names of the submodules of `module` (itself included) holding a forward or forward-pre hook"
+    return [n for n, m in module.named_modules() if m._forward_hooks or m._forward_pre_hooks]
 
 
 def is_bn(m):
@@ -97,6 +132,30 @@ def ref_supcon(z, labels, temperature=0.07, base_temperature=0.07):
         pos = [k for k in others if ids[k] == ids[i]]
         total = total - (temperature / base_temperature) * sum(sim[i, k] - log_den for k in pos) / len(pos)
     return total / n2
+
+
+def ref_ce(logits, y):
+    "Cross-entropy in float64 from its definition: logsumexp minus the target logit, averaged over the batch"
+    logits = logits.double()
+    return (logits.logsumexp(1) - logits[torch.arange(len(y)), y]).mean()
+
+
+def ref_kl(student, teacher, T=1.):
+    "KL(softmax(teacher/T) || softmax(student/T)) in float64, summed over classes, averaged over the batch"
+    p, q = F.softmax(teacher.double() / T, 1), F.softmax(student.double() / T, 1)
+    return (p * (p.log() - q.log())).sum(1).mean()
+
+
+def ref_soft(s, t, T, kl):
+    "Soft cross-entropy -sum p_t log p_s (reference code), or KL(p_t || p_s) x T^2 (Hinton); mean over the batch, float64"
+    if kl: return ref_kl(s, t, T) * T * T
+    return -(F.softmax(t.double() / T, 1) * F.log_softmax(s.double() / T, 1)).sum(1).mean()
+
+
+def ref_distance(s, t, squared):
+    "Reference code: the Euclidean norm of the whole (B, d) difference; paper: mean over rows of the squared distance"
+    d = (t.double() - s.double())
+    return (d ** 2).sum(1).mean() if squared else (d ** 2).sum().sqrt()
 
 
 # ---------------------------------------------------------------- exports and fresh processes
@@ -127,8 +186,27 @@ def run_children(*scripts, timeout=300):
     return [out for out, _ in outs]
 
 
-def scan_pickle(fname):
-    "Every byte of the file and of every zip member (torch.save writes a zip of uncompressed records)"
-    raw = open(fname, 'rb').read()
-    with zipfile.ZipFile(fname) as z: members = b''.join(z.read(n) for n in z.namelist())
-    return raw, members
+def pickled_globals(fname):
+    """Every `module.qualname` that loading `fname` imports: the GLOBAL and STACK_GLOBAL opcodes of its pickle (the
+    data.pkl of a torch.save zip, or a plain pickle). What is pickled by value and plain strings such as the learner's
+    path (a clone folder may be named fastai_cds) are not imports."""
+    import pickletools
+    if zipfile.is_zipfile(fname):
+        with zipfile.ZipFile(fname) as z: blobs = [z.read(n) for n in z.namelist() if n.endswith('.pkl')]
+    else: blobs = [open(fname, 'rb').read()]
+    found = set()
+    for blob in blobs:
+        memo, pushed = {}, []  # strings pushed (directly or from the memo): STACK_GLOBAL takes the last two
+        for op, arg, _ in pickletools.genops(blob):
+            if op.name == 'GLOBAL': found.add(arg.replace(' ', '.'))
+            elif op.name == 'STACK_GLOBAL': found.add(f'{pushed[-2]}.{pushed[-1]}')
+            elif op.name in ('MEMOIZE', 'BINPUT', 'LONG_BINPUT', 'PUT'):
+                memo[len(memo) if op.name == 'MEMOIZE' else arg] = pushed[-1] if pushed else None
+            elif op.name in ('BINGET', 'LONG_BINGET', 'GET'): pushed.append(memo.get(arg))
+            elif isinstance(arg, str) and ('UNICODE' in op.name or 'STRING' in op.name): pushed.append(arg)
+    return found
+
+
+def ours(fname):
+    "The imports of fastai_cds that loading `fname` would need (none for a plain export)"
+    return sorted(g for g in pickled_globals(fname) if g.split('.')[0] == 'fastai_cds')

@@ -11,13 +11,15 @@ from fastai.callback.mixup import MixUp
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 
-from fastai_cds.baselines import DHMCallback, DKSCallback, DSNCallback, pairwise_kl
-from fastai_cds.callback import CDSCallback, LossTerms
+from fastai_cds.baselines import DHMCallback, DKSCallback, DSNCallback
+from fastai_cds.cds import CDSCallback
 from fastai_cds.data import digits_items, digits_splits
-from fastai_cds.export import DeepSupervisionModel
 from fastai_cds.heads import AuxClassifier
+from fastai_cds.losses import pairwise_kl
+from fastai_cds.model import DeepSupervisionModel
+from fastai_cds.precision import DeviceMixedPrecision
 
-from helpers import BLOCKED, CPUAutocast, Spy, no_bar, run_children, scan_pickle, snapshot, stop, tiny_cnn
+from helpers import BLOCKED, Spy, hooked_modules, no_bar, ref_ce, ref_kl, run_children, ours, snapshot, stop, tiny_cnn
 
 pytestmark = pytest.mark.usefixtures("seeded")  # set_seed(0) before every test (conftest.py, like the `dls` fixture)
 
@@ -35,18 +37,7 @@ def stop_after(n):
     return f
 
 
-# ---------------------------------------------------------------- independent references (float64, explicit sums)
-def ref_ce(logits, y):
-    logits = logits.double()
-    return (logits.logsumexp(1) - logits[torch.arange(len(y)), y]).mean()
-
-
-def ref_kl(student, teacher, T):
-    "KL(softmax(teacher/T) || softmax(student/T)), summed over classes, averaged over the batch"
-    p, q = F.softmax(teacher.double() / T, 1), F.softmax(student.double() / T, 1)
-    return (p * (p.log() - q.log())).sum(1).mean()
-
-
+# ---------------------------------------------------------------- independent references (float64: `helpers`)
 def ref_loss(method, kw, aux, final, y):
     "The loss of `method` from the captured logits; classifier k-1 is the final one"
     alpha, beta, T = kw.get("alpha", 1.), kw.get("beta", 1.), kw.get("T", 1.)
@@ -66,17 +57,21 @@ def ref_loss(method, kw, aux, final, y):
 
 
 def capture_one_step(learn):
-    "Run one training batch; returns hard labels, aux and final logits (from forward hooks) and the loss"
+    """Run one training batch; returns hard labels, aux logits (forward hooks on the heads), final logits (forward hook
+    on the plain model), the loss, and what the callback read (`taps`)"""
     got, aux = {}, []
     ds = learn.model
     hs = [h.register_forward_hook(lambda m, i, o: aux.append(o.detach())) for h in ds.heads]
     hs.append(ds.model.register_forward_hook(lambda m, i, o: got.update(final=o.detach())))
+    cb = next(c for c in learn.cbs if isinstance(c, DSNCallback))
     spies = [Spy(-10, before_batch=lambda: got.update(y=learn.y.as_subclass(torch.Tensor).clone())),
-             Spy(100, after_loss=lambda: got.update(loss=learn.loss_grad.detach(), lossd=learn.loss), after_batch=stop)]
+             Spy(100, after_loss=lambda: got.update(loss=learn.loss_grad.detach(), lossd=learn.loss, taps=cb.taps),
+                 after_batch=stop)]
     learn.add_cbs(spies)
     learn.fit(1)
     learn.remove_cbs(spies)
     for h in hs: h.remove()
+    assert len(got['taps'].heads) == len(aux) and all(torch.equal(a, t.detach()) for a, t in zip(aux, got['taps'].heads))
     return got, aux
 
 
@@ -122,19 +117,25 @@ def test_dks_and_dhm_coincide_at_t1_and_dhm_scales_by_t2(dls):
 def test_mixup_aux_classifiers_get_hard_labels(dls):
     "With MixUp the learner's loss is the mixed one, the auxiliary cross-entropies use the unmixed labels"
     learn = learner(dls, DSNCallback(verbose=False))
-    learn.add_cb(MixUp(0.4))
+    mix = MixUp(0.4)
+    learn.add_cb(mix)
+    mixed = {}
+    learn.add_cb(Spy(50, after_loss=lambda: mixed.update(lam=mix.lam.clone(), y1=mix.yb1[0].as_subclass(torch.Tensor).clone())))
     got, aux = capture_one_step(learn)
-    y = got["y"]
+    y, lam, y1 = got["y"], mixed["lam"].double(), mixed["y1"]
     ce_rec = float(learn.loss_terms.history["ce"][-1])
     aux_expected = sum(ref_ce(a, y) for a in aux)
     assert abs(got["loss"].item() - (ce_rec + aux_expected.item())) < 1e-4
-    # and the learner's own loss was really mixed: it differs from a plain CE on the hard labels
-    assert abs(ce_rec - ref_ce(got["final"], y).item()) > 1e-3
+    # and the learner's own loss was the mixed one: per image, lam x CE(label) + (1 - lam) x CE(label of its partner)
+    final = got["final"]
+    per_image = lambda t: torch.stack([ref_ce(final[i:i + 1], t[i:i + 1]) for i in range(len(t))])
+    assert abs(ce_rec - (lam * per_image(y) + (1 - lam) * per_image(y1)).mean().item()) < 1e-4
+    assert ((lam < 0.99) & (y1 != y)).any()  # really mixed: some images took weight from a partner of another class
 
 
 def test_losses_in_fp32_under_bf16_autocast(dls):
     learn = learner(dls, DKSCallback(T=2., verbose=False))
-    learn.add_cb(CPUAutocast())
+    learn.add_cb(DeviceMixedPrecision())
     got, aux = capture_one_step(learn)
     assert got["final"].dtype == torch.bfloat16 and all(a.dtype == torch.bfloat16 for a in aux)  # autocast was on
     assert got["loss"].dtype == torch.float32 and torch.isfinite(got["loss"])
@@ -192,7 +193,7 @@ def test_heads_train_record_and_save_load(dls, method, tmp_path):
         logits = torch.cat([m(xb).as_subclass(torch.Tensor) for xb, _ in dls.valid])
     ys = torch.cat([yb.as_subclass(torch.Tensor) for _, yb in dls.valid])
     assert abs(learn.validate()[0] - F.cross_entropy(logits, ys).item()) < 1e-5
-    assert learn.model.run_heads is False
+    assert learn.model.armed is False and hooked_modules(learn.model) == []
 
     f = learn.save("x")
     sd = torch.load(f, map_location="cpu", weights_only=False)["model"]
@@ -242,8 +243,7 @@ def test_export_is_plain_and_predicts_the_same(dls, tmp_path):
         expected[kind] = (pred, learn.get_preds(dl=dls.test_dl(items))[0])
         learn.export(tmp_path / f"{kind}.pkl")
         assert isinstance(learn.model, DeepSupervisionModel)  # the in-memory learner keeps its heads
-        raw = b"".join(scan_pickle(tmp_path / f"{kind}.pkl"))
-        assert b"fastai_cds" not in raw and b"AuxClassifier" not in raw
+        assert ours(tmp_path / f"{kind}.pkl") == []
     run_children((CHILD, tmp_path, *kinds))
     res, out = json.load(open(tmp_path / "res.json")), torch.load(tmp_path / "out.pt", weights_only=False)
     assert res["loaded"] == []

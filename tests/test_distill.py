@@ -1,8 +1,11 @@
-"""Tests of `fastai_cds.distill`: `CDSCallback(teacher=...)` (contrastive deep distillation, paper eqs. 8-9) and
-`KDCallback` inside real fastai training loops, against hand computations; the frozen teacher; adapters; export of the
-student in a process where fastai_cds cannot be imported; a teacher loaded from a file in a fresh process."""
+"""Tests of `fastai_cds.distill`: `DistillCallback` and its shorthand `CDSCallback(teacher=...)` (contrastive deep
+distillation, paper eqs. 8-9) and `KDCallback` inside real fastai training loops, against hand computations; the frozen
+teacher; adapters; export of the student in a process where fastai_cds cannot be imported; a teacher loaded from a file
+in a fresh process."""
 import copy
+import inspect
 import json
+import zipfile
 import re
 import textwrap
 from pathlib import Path
@@ -16,12 +19,13 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 
-from fastai_cds.callback import CDSCallback
-from fastai_cds.distill import Distiller, KDCallback, Teacher, load_teacher
-from fastai_cds.export import DeepSupervisionModel
+from fastai_cds.cds import CDSCallback
+from fastai_cds.distill import DistillCallback, Distiller, KDCallback, Teacher, load_teacher
+from fastai_cds.model import DeepSupervisionModel, Taps
+from fastai_cds.precision import DeviceMixedPrecision
 
-from helpers import (BLOCKED, CPUAutocast, Spy, is_bn, no_bar, ref_supcon, run_children, scan_pickle, small_dls, snapshot,
-                     stop, tiny_cnn)
+from helpers import (BLOCKED, Spy, is_bn, no_bar, ref_distance, ref_soft, ref_supcon, run_children, ours, small_dls,
+                     snapshot, stop, tiny_cnn)
 
 T_WIDTHS, S_WIDTHS = (16, 32, 64), (8, 16, 32)  # teacher / student stage widths: every adapter is a Linear(32, 64)
 
@@ -41,18 +45,6 @@ def teacher_learner(dls=None, path='.'):
 def student_learner(cbs, widths=S_WIDTHS, dls=None):
     return no_bar(Learner(dls if dls is not None else make_dls(), tiny_cnn(widths=widths), loss_func=CrossEntropyLossFlat(),
                           cbs=cbs))
-
-
-def ref_distance(s, t, squared):
-    "Reference code: the Euclidean norm of the whole (B, d) difference; paper: mean over rows of the squared distance"
-    d = (t.double() - s.double())
-    return (d ** 2).sum(1).mean() if squared else (d ** 2).sum().sqrt()
-
-
-def ref_soft(s, t, T, kl):
-    "Soft cross-entropy -sum p_t log p_s (reference code), or KL(p_t || p_s) x T^2 (Hinton); mean over the batch"
-    ls, pt = F.log_softmax(s.double() / T, 1), F.softmax(t.double() / T, 1)
-    return (pt * (pt.log() - ls)).sum(1).mean() * T * T if kl else -(pt * ls).sum(1).mean()
 
 
 def apply_adapter(a, s):
@@ -93,7 +85,7 @@ def run_one_batch(learn, teacher_ds):
     got = {}
     learn.add_cbs([Spy(-10, before_batch=lambda: got.update(y=learn.y.as_subclass(torch.Tensor).clone())),
                    Spy(100, after_loss=lambda: got.update(loss=learn.loss_grad.detach().double(),
-                                                          aux=copy.deepcopy(learn.model.aux)),
+                                                          aux=copy.deepcopy(learn.model.aux['distill'])),
                        after_batch=stop)])
     try: learn.fit(1)
     finally: cap.remove()
@@ -142,7 +134,7 @@ def test_student_loss_equals_hand_computation(teacher, case):
     make, kw = CASES[case]
     set_seed(1)
     learn = student_learner(CDSCallback(teacher=make(teacher), verbose=False))
-    aux = learn.model.aux
+    aux = learn.model.aux['distill']
     if case == 'stages':  # pooled raw stage outputs: widths 8/16/32 -> 16/32/64
         assert [(a.in_features, a.out_features) for a in aux] == list(zip(S_WIDTHS, T_WIDTHS))
     else:  # head embeddings: the final width, 32 -> 64
@@ -170,7 +162,7 @@ def test_identity_adapters_when_widths_match(teacher):
     "A student as wide as the teacher gets no Linear adapter: the distance is taken directly"
     set_seed(1)
     learn = student_learner(CDSCallback(teacher=teacher, verbose=False), widths=T_WIDTHS)
-    assert all(isinstance(a, nn.Identity) for a in learn.model.aux) and not list(learn.model.aux.parameters())
+    assert all(isinstance(a, nn.Identity) for a in learn.model.aux['distill']) and not list(learn.model.aux.parameters())
     cap, got = run_one_batch(learn, teacher.model)
     exp, _ = expected_loss(cap, got, 3)
     torch.testing.assert_close(got['loss'], exp, rtol=1e-5, atol=1e-4)
@@ -180,7 +172,7 @@ def test_teacher_heads_mapping(teacher):
     "Two student heads on stages '1', '2', matched to teacher heads 2 and 0 by `teacher_heads`"
     set_seed(1)
     learn = student_learner(CDSCallback(teacher=Distiller(teacher, teacher_heads=[2, 0]), layers=['1', '2'], verbose=False))
-    assert learn.model.stages == ['1', '2'] and len(learn.model.aux) == 2
+    assert learn.model.stages == ['1', '2'] and len(learn.model.aux['distill']) == 2
     cap, got = run_one_batch(learn, teacher.model)
     exp, terms = expected_loss(cap, got, 2, idx=[2, 0])
     torch.testing.assert_close(got['loss'], exp, rtol=1e-5, atol=1e-4)
@@ -193,7 +185,7 @@ def test_one_batch_under_cpu_bf16_autocast(teacher):
     "The teacher runs inside the student's autocast; the distillation terms come out in fp32, close to the fp64 reference"
     set_seed(1)
     learn = student_learner(CDSCallback(teacher=teacher, verbose=False))
-    learn.add_cb(CPUAutocast())
+    learn.add_cb(DeviceMixedPrecision())
     dtypes = {}
     h = teacher.model.heads[0][0].register_forward_hook(lambda m, i, o: dtypes.update(t=o.dtype))
     try: cap, got = run_one_batch(learn, teacher.model)
@@ -237,6 +229,65 @@ def test_cds_plus_kdcallback_records_the_plain_ce():
     hist = got['learn'].loss_terms.history
     assert len(hist['ce']) == 1
     assert abs(float(hist['ce'][0]) - got['ce'].item()) < 1e-4
+
+
+def test_shorthand_and_explicit_callback_give_the_same_loss(teacher):
+    "CDSCallback(teacher=t) adds a DistillCallback(t): the same loss as adding it by hand; it leaves with CDSCallback"
+    losses = []
+    for cbs in (lambda: CDSCallback(teacher=teacher, verbose=False), lambda: [CDSCallback(verbose=False), DistillCallback(teacher)]):
+        set_seed(1)
+        learn = student_learner(cbs())
+        dist = [cb for cb in learn.cbs if isinstance(cb, DistillCallback)]
+        assert len(dist) == 1 and dist[0].order > learn.cds.order and dist[0].student is learn.cds
+        cap, got = run_one_batch(learn, teacher.model)
+        exp, _ = expected_loss(cap, got, 3)
+        torch.testing.assert_close(got['loss'], exp, rtol=1e-5, atol=1e-4)
+        losses.append(got['loss'])
+    torch.testing.assert_close(losses[0], losses[1])
+    cds = learn.cds
+    learn.remove_cb(cds)  # the explicit one stays: it was not brought by CDSCallback
+    assert sum(isinstance(cb, DistillCallback) for cb in learn.cbs) == 1
+    learn = student_learner(CDSCallback(teacher=teacher, verbose=False))
+    learn.remove_cb(learn.cds)
+    assert not any(isinstance(cb, DistillCallback) for cb in learn.cbs)
+
+
+def test_distill_callback_without_cds_is_rejected(teacher):
+    with pytest.raises(ValueError, match=r'add a CDSCallback.*CDSCallback\(teacher=teacher\)'):
+        student_learner(DistillCallback(teacher))
+
+
+def test_distill_callback_joining_a_trained_student_adds_its_adapters_to_the_optimizer(teacher):
+    "Added after the student trained: the adapters join the rebuilt optimizer, which keeps the heads' state"
+    set_seed(1)
+    learn = student_learner(CDSCallback(verbose=False))
+    learn.fit(1, 1e-3, cbs=Spy(100, after_batch=stop))
+    heads = list(learn.model.heads.parameters())
+    state = {id(p): learn.opt.state[p]['grad_avg'].clone() for p in heads if 'grad_avg' in learn.opt.state[p]}
+    assert state and 'distill' not in learn.model.aux
+    learn.add_cb(DistillCallback(teacher))
+    seen = {}
+    def first():
+        if seen: return
+        seen.update(ids={id(p) for pg in learn.opt.param_groups for p in pg['params']},
+                    state={id(p): learn.opt.state[p]['grad_avg'].clone() for p in heads if id(p) in state})
+    learn.fit(1, 1e-3, cbs=Spy(100, before_batch=first, after_batch=stop))
+    aux = learn.model.aux['distill']
+    assert len(aux) == 3 and all(isinstance(a, nn.Linear) for a in aux)
+    assert all(id(p) in seen['ids'] for p in aux.parameters())
+    for k, v in state.items(): assert torch.equal(seen['state'][k], v)
+    assert all(learn.opt.state[p].get('grad_avg') is not None for p in aux.parameters())  # they stepped
+    assert set(learn.loss_terms.history) >= {'emb_0', 'emb_1', 'emb_2', 'kd'}
+
+
+def test_features_of_heads_or_pooled_stages(teacher):
+    g = torch.Generator().manual_seed(0)
+    stages = [torch.randn(4, c, s, s, generator=g) for c, s in ((16, 8), (32, 4))]
+    taps = Taps(torch.randn(4, 1, 16, 16, generator=g), stages, [torch.randn(4, 64, generator=g) for _ in range(2)])
+    heads = Distiller(teacher).features_of(taps)
+    assert all(a is b for a, b in zip(heads, taps.heads)) and len(heads) == 2
+    pooled = Distiller(teacher, features='stages').features_of(taps)
+    for p, st in zip(pooled, stages): torch.testing.assert_close(p, st.mean((2, 3)))
 
 
 # ---------------------------------------------------------------- 2. the frozen teacher
@@ -290,21 +341,28 @@ CHILD_EXPORT = BLOCKED + textwrap.dedent("""
     json.dump(res, open(f'{d}/res.json', 'w'))
 """)
 
+# The teacher's Learner rebuilt in a fresh process from fastai_cds and the source of `tiny_cnn` alone (no test file
+# imported): the same architecture, CDS heads, and `learn.save` file
 CHILD_TEACHER = textwrap.dedent("""
-    import sys, importlib.util, os, warnings
+    import sys, warnings
     warnings.filterwarnings('ignore')
-    import torch
+    import torch, torch.nn as nn
     torch.set_num_threads(1)
+    from fastai.layers import ConvLayer, Flatten
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai_cds.cds import CDSCallback
+    from fastai_cds.data import digits_dls
     from fastai_cds.distill import Teacher, load_teacher
-    d, test_file = sys.argv[1], sys.argv[2]
-    sys.path.insert(0, os.path.dirname(test_file))  # the test file imports `helpers`, next to it
-    spec = importlib.util.spec_from_file_location('test_distill_child', test_file)
-    td = importlib.util.module_from_spec(spec); spec.loader.exec_module(td)
-    x = torch.load(f'{d}/x.pt')
-    learn = load_teacher(lambda: td.teacher_learner(path=d), 'teacher')
-    logits, heads, _ = Teacher(learn)(x, heads=True)
-    fresh, fresh_heads, _ = Teacher(td.teacher_learner(path=d))(x, heads=True)  # the same Learner, not loaded
-    torch.save({'logits': logits, 'heads': heads, 'fresh_heads': fresh_heads}, f'{d}/teacher_out.pt')
+""") + inspect.getsource(tiny_cnn) + textwrap.dedent(f"""
+    d = sys.argv[1]
+    def teacher_learner():
+        return Learner(digits_dls(size=16, bs=16, device='cpu'), tiny_cnn(widths={T_WIDTHS!r}),
+                       loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(verbose=False), path=d)
+    x = torch.load(f'{{d}}/x.pt')
+    logits, taps = Teacher(load_teacher(teacher_learner, 'teacher'))(x, heads=True)
+    fresh, fresh_taps = Teacher(teacher_learner())(x, heads=True)  # the same Learner, not loaded
+    torch.save({{'logits': logits, 'heads': taps.heads, 'fresh_heads': fresh_taps.heads}}, f'{{d}}/teacher_out.pt')
 """)
 
 
@@ -316,7 +374,7 @@ def fitted(teacher, tmp_path_factory):
     t_before, t_modes = snapshot(teacher.model), [m.training for m in teacher.model.modules()]
     set_seed(2)
     cds = student_learner(CDSCallback(teacher=teacher, verbose=False))
-    aux_before = snapshot(cds.model.aux)
+    aux_before = snapshot(cds.model.aux['distill'])
     with cds.no_logging(): cds.fit(1, 1e-2)
     kd = student_learner(KDCallback(teacher))
     with kd.no_logging(): kd.fit(1, 1e-2)
@@ -328,7 +386,7 @@ def fitted(teacher, tmp_path_factory):
         plain = learn.model.model if isinstance(learn.model, DeepSupervisionModel) else learn.model
         plain.eval()
         with torch.no_grad(): preds[kind] = plain(x)
-    run_children((CHILD_EXPORT, d, 'cds', 'kd'), (CHILD_TEACHER, d, __file__))
+    run_children((CHILD_EXPORT, d, 'cds', 'kd'), (CHILD_TEACHER, d))
     return dict(dir=d, cds=cds, kd=kd, x=x, preds=preds, t_before=t_before, t_modes=t_modes, aux_before=aux_before,
                 res=json.load(open(d / 'res.json')), out=torch.load(d / 'out.pt'), t_out=torch.load(d / 'teacher_out.pt'))
 
@@ -353,8 +411,8 @@ def test_student_fits_and_records_every_term(fitted):
 
 def test_adapters_are_trained_and_in_the_optimizer(fitted):
     learn = fitted['cds']
-    aux = learn.model.aux
-    assert len(aux) == 3 and all(isinstance(a, nn.Linear) for a in aux)
+    aux = learn.model.aux['distill']
+    assert list(learn.model.aux) == ['distill'] and len(aux) == 3 and all(isinstance(a, nn.Linear) for a in aux)
     after = snapshot(aux)
     assert all(not torch.equal(v, after[k]) for k, v in fitted['aux_before'].items()), "an adapter did not train"
     opt_ids = {id(p) for pg in learn.opt.param_groups for p in pg['params']}
@@ -371,22 +429,24 @@ def test_export_in_a_process_without_fastai_cds(teacher, fitted):
         assert not any(c.startswith('fastai_cds') for c in res[kind]['cbs'])
         torch.testing.assert_close(out[kind], fitted['preds'][kind], atol=1e-5, rtol=0)
         assert fitted['preds'][kind].std(0).sum() > 0
-        raw, members = scan_pickle(fitted['dir'] / f'{kind}.pkl')
-        assert b'fastai_cds' not in raw and b'fastai_cds' not in members
+        assert ours(fitted['dir'] / f'{kind}.pkl') == []
+        with zipfile.ZipFile(fitted['dir'] / f'{kind}.pkl') as z: members = b''.join(z.read(n) for n in z.namelist())
         # no teacher, adapter or head inside: none of their weights is in the file
         tm = teacher.model
         for w in (tm.model[0][0].weight, tm.model[2][0].weight, next(tm.heads[0].parameters())):
             assert w.detach().numpy().tobytes() not in members
         if kind == 'cds':
-            for w in (fitted['cds'].model.aux[0].weight, next(fitted['cds'].model.heads[0].parameters())):
+            for w in (fitted['cds'].model.aux['distill'][0].weight, next(fitted['cds'].model.heads[0].parameters())):
                 assert w.detach().numpy().tobytes() not in members
     # the in-memory student keeps its heads, adapters and teacher
-    assert isinstance(fitted['cds'].model, DeepSupervisionModel) and fitted['cds'].model.aux is not None
+    assert isinstance(fitted['cds'].model, DeepSupervisionModel) and list(fitted['cds'].model.aux) == ['distill']
 
 
 def test_teacher_from_file_in_a_fresh_process(teacher, fitted):
     x, t_out = fitted['x'], fitted['t_out']
-    logits, heads, _ = Teacher(teacher)(x, heads=True)
+    logits, taps = Teacher(teacher)(x, heads=True)
+    assert isinstance(taps, Taps) and torch.equal(taps.x, x)
+    heads = taps.heads
     assert len(t_out['heads']) == len(heads) == 3
     torch.testing.assert_close(t_out['logits'], logits, atol=1e-5, rtol=1e-5)
     for a, b, f in zip(t_out['heads'], heads, t_out['fresh_heads']):

@@ -1,6 +1,8 @@
 """Tests of `fastai_cds.export`: `learn.export()` of a CDS learner gives a plain fastai Learner that loads and predicts
-the same in a process where fastai_cds cannot be imported; the in-memory learner keeps training with its heads."""
+the same in a process where fastai_cds cannot be imported; the in-memory learner keeps training with its heads;
+`plain_learner` and `_is_ours`."""
 import json
+import zipfile
 import textwrap
 import warnings
 from functools import partial
@@ -11,15 +13,19 @@ import torch.nn as nn
 import fastai.callback.fp16  # noqa: F401  (patches Learner.to_fp16)
 from fastai.callback.mixup import MixUp
 from fastai.learner import Learner
+from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.vision.learner import create_vision_model, vision_learner
 from torchvision.models import resnet18
 
-from fastai_cds.callback import CDSCallback, LossTerms
+from fastai_cds.cds import CDSCallback
+from fastai_cds.core import LossTerms
 from fastai_cds.data import digits_dls, digits_items, digits_splits
-from fastai_cds.export import DeepSupervisionModel, split_with_heads
+from fastai_cds.export import _is_ours, plain_learner  # importing it patches Learner.export
+from fastai_cds.metrics import ExpectedCalibrationError
+from fastai_cds.model import DeepSupervisionModel, split_with_heads
 
-from helpers import BLOCKED, no_bar, run_children, scan_pickle, tiny_cnn
+from helpers import BLOCKED, hooked_modules, no_bar, run_children, ours, tiny_cnn
 
 KINDS = ["cnn", "resnet18", "fp16", "mixup"]
 
@@ -148,10 +154,7 @@ def test_exported_learner_is_plain(exported, kind):
     assert not res["splitter"].startswith("fastai_cds")
     if kind == "mixup":
         assert "fastai.callback.mixup.MixUp" in res["cbs"]
-    raw, members = scan_pickle(exported["dir"] / f"{kind}.pkl")
-    assert b"fastai_cds" not in raw
-    assert b"fastai_cds" not in members
-    assert b"DeepSupervision" not in members and b"split_with_heads" not in members
+    assert ours(exported["dir"] / f"{kind}.pkl") == []
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -165,7 +168,7 @@ def test_in_memory_learner_intact_after_export(exported, kind):
     assert any(isinstance(cb, CDSCallback) for cb in learn.cbs)
     assert any(isinstance(cb, LossTerms) for cb in learn.cbs)
     assert isinstance(learn.splitter, partial) and learn.splitter.func is split_with_heads
-    assert not [n for n, m in learn.model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked_modules(learn.model) == [] and learn.model.armed is False
     opt_ids = {id(p) for pg in learn.opt.param_groups for p in pg["params"]}
     head_params = list(learn.model.heads.parameters())
     assert head_params and all(id(p) in opt_ids for p in head_params)
@@ -187,8 +190,7 @@ def test_in_memory_learner_keeps_training(exported):
     # and it exports again, as plainly
     f = exported["dir"] / "again.pkl"
     learn.export(f)
-    raw, members = scan_pickle(f)
-    assert b"fastai_cds" not in raw and b"fastai_cds" not in members
+    assert ours(f) == []
     assert isinstance(learn.model, DeepSupervisionModel)
 
 
@@ -197,8 +199,7 @@ def test_export_before_training(tmp_path):
     learn = no_bar(Learner(digits_dls(device="cpu", size=16, label_fraction=0.05, valid_pct=0.05, bs=16), tiny_cnn(), cbs=cds()))
     assert isinstance(learn.model, DeepSupervisionModel)
     learn.export(tmp_path / "e.pkl")
-    raw, members = scan_pickle(tmp_path / "e.pkl")
-    assert b"fastai_cds" not in raw and b"fastai_cds" not in members
+    assert ours(tmp_path / "e.pkl") == []
     assert isinstance(learn.model, DeepSupervisionModel) and learn.opt is None
     loaded = torch.load(tmp_path / "e.pkl", weights_only=False)
     assert type(loaded.model) is nn.Sequential
@@ -216,6 +217,65 @@ def test_export_drops_fastai_cds_metrics(tmp_path):
     fname = tmp_path/'m.pkl'
     learn.export(fname)
     assert ece in learn.metrics
-    assert b'fastai_cds' not in fname.read_bytes()
+    assert ours(fname) == []
     out = run_children((BLOCKED + "print(len(load_learner(f'{d}/m.pkl').metrics))", tmp_path))[0]
     assert out.strip().endswith('1')
+
+
+# ---------------------------------------------------------------- plain_learner, _is_ours
+def test_is_ours():
+    assert _is_ours(cds()) and _is_ours(ExpectedCalibrationError()) and _is_ours(CDSCallback)
+    assert _is_ours(partial(split_with_heads, None)) and _is_ours(split_with_heads)
+    assert not any(_is_ours(o) for o in (accuracy, MixUp(), partial(accuracy), Learner, tiny_cnn(), None, 3))
+
+
+def test_plain_learner_shows_the_plain_learner_for_the_block(tmp_path):
+    learn = no_bar(Learner(digits_dls(device="cpu", size=16, label_fraction=0.05, valid_pct=0.05, bs=16), tiny_cnn(),
+                           cbs=[cds(), MixUp()], metrics=[accuracy, ExpectedCalibrationError()]))
+    fit(learn)
+    model, splitter, opt, cbs, metrics = learn.model, learn.splitter, learn.opt, list(learn.cbs), list(learn.metrics)
+    with plain_learner(learn) as plain:
+        assert plain is learn
+        assert learn.model is model.model and type(learn.model) is nn.Sequential
+        assert learn.splitter is splitter.args[0] and not _is_ours(learn.splitter)
+        assert learn.opt is None
+        assert not any(_is_ours(cb) for cb in learn.cbs) and any(isinstance(cb, MixUp) for cb in learn.cbs)
+        assert not hasattr(learn, 'cds') and not hasattr(learn, 'loss_terms')
+        assert [m.name for m in learn.metrics] == ['accuracy']
+    # everything back
+    assert learn.model is model and learn.splitter is splitter and learn.opt is opt
+    assert set(map(id, learn.cbs)) == set(map(id, cbs)) and list(learn.metrics) == metrics and learn.cds.ds is model
+
+
+CHILD_IMPORT = textwrap.dedent("""
+    import sys, warnings
+    warnings.filterwarnings('ignore')
+    import torch, torch.nn as nn
+    torch.set_num_threads(1)
+    from fastai.layers import ConvLayer, Flatten
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai_cds.cds import CDSCallback  # what a user of CDSCallback imports, and nothing else of fastai_cds
+    from fastai_cds.data import digits_dls
+    dls = digits_dls(size=16, label_fraction=0.05, valid_pct=0.05, bs=16, device='cpu')
+    m = nn.Sequential(ConvLayer(1, 8, stride=2), ConvLayer(8, 16, stride=2), nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(16, 10))
+    Learner(dls, m, loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(verbose=False)).export(sys.argv[1] + '/e.pkl')
+""")
+
+
+def test_export_is_plain_whatever_fastai_cds_module_was_imported(tmp_path):
+    run_children((CHILD_IMPORT, tmp_path))
+    assert ours(tmp_path / "e.pkl") == []
+
+
+def test_the_pickle_check_sees_references_and_ignores_paths(tmp_path):
+    """`ours` reads the imports a pickle needs, not its bytes: fastai's own export of a CDS learner needs fastai_cds;
+    ours, from a learner whose path is a folder named fastai_cds (as a clone of this repository is), does not."""
+    root = tmp_path / 'fastai_cds'
+    root.mkdir()
+    learn = no_bar(Learner(digits_dls(device="cpu", size=16, label_fraction=0.05, valid_pct=0.05, bs=16), tiny_cnn(), cbs=cds(), path=root))
+    learn._fastai_export(root / 'raw.pkl')  # fastai's export, unpatched: the wrapper, heads and callbacks inside
+    assert 'fastai_cds.model.DeepSupervisionModel' in ours(root / 'raw.pkl')
+    learn.export(root / 'e.pkl')
+    with zipfile.ZipFile(root / 'e.pkl') as z: assert any(b'fastai_cds' in z.read(n) for n in z.namelist())  # the path is in it
+    assert ours(root / 'e.pkl') == []

@@ -1,9 +1,13 @@
-"Tests of `fastai_cds.heads`: projection heads and auxiliary classifiers sized from the stages."
+"""Tests of `fastai_cds.heads`: projection heads (`SepConvHead`, `MLPHead`, by name through `head_factory`, and the
+deprecated `ProjectionHead`) and auxiliary classifiers sized from the stages."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn as nn
 
-from fastai_cds.heads import AuxClassifier, CheckpointedSequential, L2Norm, ProjectionHead, conv_trunk, sep_conv_block
+from fastai_cds.heads import (HEADS, AuxClassifier, CheckpointedSequential, L2Norm, MLPHead, ProjectionHead, SepConvHead,
+                              conv_trunk, head_factory, sep_conv_block)
 from fastai_cds.stages import StageInfo
 
 BS = 3
@@ -32,7 +36,7 @@ def assert_unit_norm(z):
 # ---------------------------------------------------------------- sep-conv projection head
 def test_sepconv_head_three_blocks_to_final():
     st = stage(64, 16, 2)
-    head = ProjectionHead(st, FINAL)
+    head = SepConvHead(st, FINAL)
     trunk = head[0]
     assert len(trunk) == 3, "16x16 -> 2x2 is three stride-2 blocks"
     assert pointwise_out_channels(head) == [128, 256, 512]
@@ -57,7 +61,7 @@ def test_sepconv_head_three_blocks_to_final():
 
 
 def test_final_stage_head_has_no_conv():
-    head = ProjectionHead(FINAL, FINAL)
+    head = SepConvHead(FINAL, FINAL)
     assert not convs(head), "the final stage already has the final width and size"
     assert sum(p.numel() for p in head.parameters()) == 0
     x = torch.randn(BS, 512, 2, 2)
@@ -70,7 +74,7 @@ def test_final_stage_head_has_no_conv():
 
 
 def test_same_size_other_width_one_stride1_block():
-    head = ProjectionHead(stage(256, 2, 16), FINAL)
+    head = SepConvHead(stage(256, 2, 16), FINAL)
     assert len(head[0]) == 1
     assert head[0][0][0].stride == (1, 1)
     assert pointwise_out_channels(head) == [512]
@@ -81,22 +85,50 @@ def test_same_size_other_width_one_stride1_block():
 
 def test_mlp_head_output_dim():
     st = stage(64, 16, 2)
-    head = ProjectionHead(st, FINAL, kind="mlp", dim=32)
+    head = MLPHead(st, FINAL, dim=32)
     assert not convs(head)
     lins = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert [(l.in_features, l.out_features) for l in lins] == [(64, 64), (64, 32)]  # hidden: the stage's width
     z = head(torch.randn(BS, 64, 16, 16))
     assert z.shape == (BS, 32)
     assert_unit_norm(z)
-    head = ProjectionHead(st, FINAL, kind="mlp", dim=16, hidden=40)
+    head = MLPHead(st, dim=16, hidden=40)  # final: unused
     lins = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert [(l.in_features, l.out_features) for l in lins] == [(64, 40), (40, 16)]
     assert head(torch.randn(BS, 64, 5, 7)).shape == (BS, 16)  # any resolution: pooled first
 
 
-def test_bad_kind_raises():
-    with pytest.raises(ValueError, match="kind"):
-        ProjectionHead(stage(64, 16), FINAL, kind="linear")
+def test_head_factory_by_name_or_callable():
+    assert HEADS == {"sepconv": SepConvHead, "mlp": MLPHead}
+    assert head_factory("sepconv") is SepConvHead and head_factory("mlp") is MLPHead
+    f = partial(MLPHead, dim=8)
+    assert head_factory(f) is f  # a callable is the factory itself
+    head = head_factory(f)(stage(64, 16), FINAL)
+    assert head(torch.randn(BS, 64, 16, 16)).shape == (BS, 8)
+
+
+@pytest.mark.parametrize("bad", ["linear", "SepConv", None, 3])
+def test_head_factory_bad_name_raises(bad):
+    with pytest.raises(ValueError, match=r"head must be one of \['sepconv', 'mlp'\] or a callable"):
+        head_factory(bad)
+
+
+@pytest.mark.parametrize("kw,cls", [(dict(), SepConvHead), (dict(checkpoint=True), SepConvHead),
+                                    (dict(kind="mlp", dim=24, hidden=40), MLPHead)])
+def test_projection_head_is_deprecated_and_builds_the_same_head(kw, cls):
+    st = stage(64, 16, 2)
+    with pytest.warns(DeprecationWarning, match="ProjectionHead is deprecated"):
+        old = ProjectionHead(st, FINAL, **kw)
+    new = cls(st, FINAL, **{k: v for k, v in kw.items() if k != "kind"})
+    assert type(old) is cls
+    assert [type(m) for m in old.modules()] == [type(m) for m in new.modules()]
+    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
+    new.load_state_dict(old.state_dict())
+    old.eval(); new.eval()
+    x = torch.randn(BS, 64, 16, 16)
+    torch.testing.assert_close(old(x), new(x))
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="head must be one of"):
+        ProjectionHead(st, FINAL, kind="linear")
 
 
 def test_aux_classifier_output():
@@ -115,7 +147,7 @@ def test_aux_classifier_output():
 
 def test_non_power_of_two_widths_end_at_final_width():
     final = stage(576, 2, 8, "final")
-    head = ProjectionHead(stage(24, 16, 1), final)
+    head = SepConvHead(stage(24, 16, 1), final)
     widths = pointwise_out_channels(head)
     assert len(widths) == 3
     assert widths[-1] == 576
@@ -150,7 +182,7 @@ def test_sep_conv_block_param_count():
 
 
 def test_heads_backprop_to_input():
-    head = ProjectionHead(stage(16, 8), stage(64, 2))
+    head = SepConvHead(stage(16, 8), stage(64, 2))
     x = torch.randn(4, 16, 8, 8, requires_grad=True)
     head(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -203,7 +235,7 @@ def test_checkpointed_trunk_plain_in_eval_and_no_grad():
     torch.testing.assert_close(a(x), b(x))
 
 
-def test_projection_head_checkpoint_option():
+def test_sepconv_head_checkpoint_option():
     st, fin = StageInfo('layer1', 16, (16, 16), 4), StageInfo('layer4', 64, (2, 2), 32)
-    assert isinstance(ProjectionHead(st, fin, checkpoint=True)[0], CheckpointedSequential)
-    assert type(ProjectionHead(st, fin)[0]) is nn.Sequential
+    assert isinstance(SepConvHead(st, fin, checkpoint=True)[0], CheckpointedSequential)
+    assert type(SepConvHead(st, fin)[0]) is nn.Sequential

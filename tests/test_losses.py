@@ -1,33 +1,15 @@
-"Tests of `fastai_cds.losses.SupConLoss` against an independent, loop-based float64 reference."
+"""Tests of `fastai_cds.losses`: `SupConLoss`, `embedding_distance`, `soft_target_loss` and `pairwise_kl` against the
+independent float64 references of `helpers` (anchor-by-anchor SupCon, softmax/KL from their definitions) and hand
+computations."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastai_cds.losses import SupConLoss
+from fastai_cds.losses import SupConLoss, embedding_distance, pairwise_kl, soft_target_loss
 
-
-# ---------------------------------------------------------------- reference
-def ref_supcon(z, labels=None, temperature=0.07, base_temperature=0.07):
-    """Dense SupCon / SimCLR loss with explicit python loops, in float64.
-
-    Rows i and i+N of `z` are two views of image i. For each anchor i the positives are the other
-    rows with the same label, the denominator runs over every row but i. Differentiable w.r.t. `z`.
-    """
-    z = z.double()
-    n2 = z.shape[0]
-    n = n2 // 2
-    ids = list(range(n)) if labels is None else [int(l) for l in labels]
-    ids = ids + ids
-    anchor_losses = []
-    for i in range(n2):
-        sims = [(z[i] * z[k]).sum() / temperature for k in range(n2)]
-        denom = sum(torch.exp(sims[k]) for k in range(n2) if k != i)
-        pos = [p for p in range(n2) if p != i and ids[p] == ids[i]]
-        mean_log_prob = sum(torch.log(torch.exp(sims[p]) / denom) for p in pos) / len(pos)
-        anchor_losses.append(-(temperature / base_temperature) * mean_log_prob)
-    return sum(anchor_losses) / len(anchor_losses)
+from helpers import ref_distance, ref_kl, ref_soft, ref_supcon
 
 
 def rand_z(n=4, dim=8, seed=0, dtype=torch.float32):
@@ -188,6 +170,23 @@ def test_gradient_matches_reference(labels):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('supervised', [True, False])
+def test_low_precision_embeddings_with_and_without_labels(dtype, supervised):
+    "Embeddings in bf16/fp16 (as heads under autocast give them): an fp32 loss close to the fp32 one, a finite gradient"
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(16, 32, generator=g), dim=1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3]) if supervised else None
+    crit = SupConLoss()
+    ref = ref_supcon(z, labels)
+    zl = z.to(dtype).requires_grad_()
+    got = crit(zl, labels)
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    assert abs(got.item() - ref.item()) < 1e-2
+    got.backward()
+    assert zl.grad.dtype == dtype and torch.isfinite(zl.grad).all()
+
+
 def test_gradient_low_precision_leaf():
     z = rand_z(seed=11, dtype=torch.bfloat16).requires_grad_()
     SupConLoss()(z).backward()
@@ -226,3 +225,105 @@ def test_too_few_images():
 def test_wrong_number_of_labels(labels):
     with pytest.raises(ValueError, match=rf"{len(labels)} labels for 4 images"):
         SupConLoss()(rand_z(), torch.tensor(labels))
+
+
+# ---------------------------------------------------------------- embedding_distance
+def emb_pair(b=6, d=5, seed=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_embedding_distance_matches_reference(squared):
+    s, t = emb_pair()
+    got = embedding_distance(s, t, squared)
+    assert got.dtype == torch.float32 and got.ndim == 0
+    torch.testing.assert_close(got.double(), ref_distance(s, t, squared), rtol=1e-5, atol=1e-6)
+    # the two definitions really differ on this batch
+    assert abs(ref_distance(s, t, True).item() - ref_distance(s, t, False).item()) > 1e-2
+
+
+def test_embedding_distance_hand_computed():
+    s, t = torch.zeros(2, 2), torch.tensor([[3., 4.], [0., 0.]])
+    assert embedding_distance(s, t).item() == pytest.approx(5.)  # the norm of the whole difference
+    assert embedding_distance(s, t, squared=True).item() == pytest.approx(25. / 2)  # mean over rows of ||t_i - s_i||^2
+    assert embedding_distance(t, t).item() == 0.
+
+
+def test_embedding_distance_fp32_under_autocast_and_gradient():
+    s, t = emb_pair()
+    sb = s.to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = embedding_distance(sb, t.to(torch.bfloat16), squared=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref_distance(s, t, True), rtol=2e-2, atol=1e-2)
+    got.backward()
+    assert sb.grad.dtype == torch.bfloat16 and torch.isfinite(sb.grad.float()).all() and sb.grad.float().abs().sum() > 0
+
+
+# ---------------------------------------------------------------- soft_target_loss
+def logits_pair(b=8, c=10, seed=13):
+    g = torch.Generator().manual_seed(seed)
+    return 3 * torch.randn(b, c, generator=g), 3 * torch.randn(b, c, generator=g)
+
+
+@pytest.mark.parametrize("T", [1., 3.])
+@pytest.mark.parametrize("kl", [False, True])
+def test_soft_target_loss_matches_reference(T, kl):
+    s, t = logits_pair()
+    got = soft_target_loss(s, t, T, kl)
+    assert got.dtype == torch.float32 and got.ndim == 0
+    torch.testing.assert_close(got.double(), ref_soft(s, t, T, kl), rtol=1e-5, atol=1e-5)
+
+
+def test_soft_target_loss_hand_computed():
+    "Same logits: KL is 0 and the soft cross-entropy is the teacher's entropy; uniform teacher: mean -log p_s / c"
+    s, _ = logits_pair()
+    assert abs(soft_target_loss(s, s, 2., kl=True).item()) < 1e-5
+    p = F.softmax(s.double() / 2., 1)
+    torch.testing.assert_close(soft_target_loss(s, s, 2.).double(), -(p * p.log()).sum(1).mean(), rtol=1e-5, atol=1e-6)
+    u = torch.zeros_like(s)
+    exp = -F.log_softmax(s.double() / 3., 1).mean(1).mean()
+    torch.testing.assert_close(soft_target_loss(s, u, 3.).double(), exp, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_target_loss_fp32_from_bf16():
+    s, t = logits_pair()
+    got = soft_target_loss(s.to(torch.bfloat16), t.to(torch.bfloat16), 3., kl=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref_soft(s, t, 3., True), rtol=5e-2, atol=5e-2)
+
+
+# ---------------------------------------------------------------- pairwise_kl
+def three_logits(seed=14):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(6, 10, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("T,scale", [(1., 1.), (2.5, 2.5 ** 2), (0.5, 1.)])
+def test_pairwise_kl_matches_sum_of_references(T, scale):
+    logits = three_logits()
+    pairs = [(0, 2), (1, 2), (2, 0)]
+    got = pairwise_kl(logits, pairs, T, scale)
+    assert got.dtype == torch.float32 and got.ndim == 0
+    exp = scale * sum(ref_kl(logits[s], logits[t], T) for s, t in pairs)
+    torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-6)
+    assert exp.item() > 1e-3  # the classifiers disagree: not trivially 0
+
+
+def test_pairwise_kl_teacher_side_is_detached():
+    "A pair (student, teacher) sends gradient to the student's logits only"
+    a, b = [l.requires_grad_() for l in three_logits()[:2]]
+    pairwise_kl([a, b], [(0, 1)]).backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    assert b.grad is None
+    # the gradient of the batch-mean KL w.r.t. the student's logits at T=1: (softmax(a) - softmax(b)) / B
+    torch.testing.assert_close(a.grad, (F.softmax(a.detach(), 1) - F.softmax(b.detach(), 1)) / len(a), rtol=1e-5, atol=1e-7)
+
+
+def test_pairwise_kl_no_pairs_is_zero_and_bad_input():
+    logits = three_logits()
+    got = pairwise_kl(logits, [])
+    assert got.dtype == torch.float32 and got.item() == 0.
+    with pytest.raises(ValueError, match="T must be > 0"): pairwise_kl(logits, [(0, 1)], T=0)
+    with pytest.raises(ValueError, match="no logits"): pairwise_kl([], [])

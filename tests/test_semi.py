@@ -1,7 +1,9 @@
-"""Tests of `fastai_cds.semi` and `CDSCallback(unlabelled=...)` (semi-supervised CDS, paper eq. 6) inside real fastai
-training loops: the mixed loss against a hand computation, no use of unlabelled labels, the unlabelled loader's cycle,
-BatchNorm over both, untouched validation, a clean export, errors at fit start; `split_labelled` on any DataLoaders."""
+"""Tests of `fastai_cds.semi`: `SemiSupervisedCallback` and its shorthand `CDSCallback(unlabelled=...)` (semi-supervised
+CDS, paper eq. 6) inside real fastai training loops: the mixed loss against a hand computation, the ids of the unlabelled
+images, no use of unlabelled labels, the unlabelled loader's cycle, BatchNorm over both, untouched validation, a clean
+export, errors at fit start; `split_labelled` on any DataLoaders."""
 import json
+import zipfile
 import textwrap
 from collections import Counter
 
@@ -19,11 +21,12 @@ from fastai.vision.augment import Resize
 from fastai.vision.core import PILImageBW
 from fastai.vision.data import ImageBlock
 
-from fastai_cds.callback import CDSCallback
+from fastai_cds.cds import CDSCallback
 from fastai_cds.data import digits_items
-from fastai_cds.semi import UnlabelledViews, contrastive_ids, split_labelled
+from fastai_cds.semi import SemiSupervisedCallback, UnlabelledViews, split_labelled
+from fastai_cds.views import simclr_tfms
 
-from helpers import (BLOCKED, MEAN, STD, Spy, digits_block, is_bn, no_bar, ref_supcon, run_children, scan_pickle,
+from helpers import (BLOCKED, MEAN, STD, Spy, digits_block, is_bn, no_bar, ref_supcon, run_children, ours,
                      small_dls, stop, tiny_cnn)
 
 
@@ -49,9 +52,10 @@ def normalised(items):
     return dl.one_batch()[0].as_subclass(torch.Tensor)
 
 
-def learner(dls, udl, **kwargs):
-    learn = no_bar(Learner(dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(),
-                           cbs=CDSCallback(unlabelled=udl, verbose=False, **kwargs)))
+def learner(dls, udl, explicit=False, **kwargs):
+    "`CDSCallback(unlabelled=udl)`, or (`explicit`) `CDSCallback()` and `SemiSupervisedCallback(udl)`"
+    cbs = [CDSCallback(verbose=False, **kwargs), SemiSupervisedCallback(udl)] if explicit else CDSCallback(unlabelled=udl, verbose=False, **kwargs)
+    learn = no_bar(Learner(dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(), cbs=cbs))
     learn.logger = lambda *_: None  # no table printed
     return learn
 
@@ -78,42 +82,58 @@ def drawn(monkeypatch):
 
 
 # ---------------------------------------------------------------- 1. the mixed loss
-def test_contrastive_ids():
-    ids = contrastive_ids(torch.tensor([3, 1, 3, 0]), 3)
-    assert ids.tolist()[:4] == [3, 1, 3, 0]
-    u = ids[4:].tolist()
-    assert len(u) == len(set(u)) == 3 and not set(u) & set(range(10))  # distinct, and no class label
-    assert contrastive_ids(torch.tensor([2, 2]), 0).tolist() == [2, 2]
+@pytest.mark.parametrize('supervised', [True, False])
+def test_unlabelled_images_get_distinct_negative_ids(drawn, supervised):
+    "CDSCallback's ids of a batch: the labels (or 0..N-1 for SimCLR), then one distinct negative id per unlabelled image"
+    set_seed(0)
+    n, m = 8, 6
+    learn = learner(lab_dls(bs=n), unlab_dl(bs=m), supervised=supervised)
+    seen = []
+    learn.add_cb(Spy(100, after_loss=lambda: learn.training and seen.append(
+        ([i.clone() for i in learn.cds.ids], learn.y.as_subclass(torch.Tensor).clone(), learn.cds.taps.x.shape[0]))))
+    learn.fit(1, 1e-3)
+    assert len(seen) == len(learn.dls.train) == 8 and len(drawn['batches']) == 8
+    for ids, y, rows in seen:
+        assert len(ids) == 2 and rows == 2 * (n + m)
+        assert torch.equal(ids[0], y if supervised else torch.arange(n))
+        u = ids[1].tolist()
+        assert len(u) == len(set(u)) == m and all(i < 0 for i in u)  # distinct, and never a class label
 
 
-@pytest.mark.parametrize('kwargs', [dict(), dict(ce_views=2, weight=0.5), dict(supervised=False)])
+@pytest.mark.parametrize('kwargs', [
+    dict(), dict(supervised=False), dict(ce_views=2, weight=0.5, supervised=False),
+    dict(ce_views=2, weight=0.5)])
 def test_mixed_loss_equals_hand_computation(drawn, kwargs):
-    """Layout [labelled v1 (N), unlabelled v1 (M), labelled v2, unlabelled v2]; CE on labelled view 1 (or both views);
-    SupCon with class labels for labelled items and a unique id for each unlabelled one"""
+    """Forward layout [labelled v1 (N), labelled v2 (N), unlabelled v1 (M), unlabelled v2 (M)]; CE on labelled view 1
+    (or both views); SupCon with class labels for labelled items and a unique id for each unlabelled one"""
     set_seed(0)
     n, m = 8, 6
     learn = learner(lab_dls(bs=n), unlab_dl(bs=m), **kwargs)
-    got, heads = {}, []
+    got = {}
     ds = learn.model
-    hs = [h.register_forward_hook(lambda mod, i, o: heads.append(o.detach().as_subclass(torch.Tensor).double())) for h in ds.heads]
-    hs.append(ds.model.register_forward_hook(lambda mod, i, o: got.update(
-        inp=i[0].detach().as_subclass(torch.Tensor).clone(), out=o.detach().as_subclass(torch.Tensor).double())))
+    h = ds.model.register_forward_hook(lambda mod, i, o: got.update(
+        inp=i[0].detach().as_subclass(torch.Tensor).clone(), out=o.detach().as_subclass(torch.Tensor).double()))
     learn.add_cbs([Spy(-10, before_batch=lambda: got.update(x=learn.x.as_subclass(torch.Tensor).clone(),
                                                             y=learn.y.as_subclass(torch.Tensor).clone())),
-                   Spy(100, after_loss=lambda: got.update(loss=learn.loss_grad.detach().double(), npred=learn.pred.shape[0]),
+                   Spy(100, after_loss=lambda: got.update(loss=learn.loss_grad.detach().double(), npred=learn.pred.shape[0],
+                                                          taps=learn.cds.taps),
                        after_batch=stop)])
     try: learn.fit(1)
-    finally:
-        for h in hs: h.remove()
+    finally: h.remove()
     x, y, u = got['x'], got['y'], drawn['batches'][0]
     assert x.shape[0] == 2 * n and u.shape[0] == 2 * m and len(drawn['batches']) == 1
-    torch.testing.assert_close(got['inp'], torch.cat([x[:n], u[:m], x[n:], u[m:]]))
+    torch.testing.assert_close(got['inp'], torch.cat([x[:n], x[n:], u[:m], u[m:]]))
+    torch.testing.assert_close(got['taps'].x.as_subclass(torch.Tensor), got['inp'])
     out = got['out']
     ce_views = kwargs.get('ce_views', 1)
     assert got['npred'] == ce_views * n
-    ce = F.cross_entropy(out[:n], y) if ce_views == 1 else F.cross_entropy(torch.cat([out[:n], out[n + m:2 * n + m]]), torch.cat([y, y]))
+    ce = F.cross_entropy(out[:n], y) if ce_views == 1 else F.cross_entropy(out[:2 * n], torch.cat([y, y]))
     ids = torch.cat([y, 1000 + torch.arange(m)]) if kwargs.get('supervised', True) else torch.arange(n + m)
+    heads = [z.detach().as_subclass(torch.Tensor).double() for z in got['taps'].heads]
     assert len(heads) == 3 and all(z.shape[0] == 2 * (n + m) for z in heads)
+    # the rows in the order of the reference (rows i and i + N + M: two views of one image): [v1, u1, v2, u2]
+    order = torch.cat([torch.arange(n), 2 * n + torch.arange(m), n + torch.arange(n), 2 * n + m + torch.arange(m)])
+    heads = [z[order] for z in heads]
     contra = [ref_supcon(z, ids) for z in heads]
     torch.testing.assert_close(got['loss'], ce + kwargs.get('weight', 0.1) * sum(contra), rtol=1e-5, atol=1e-4)
     hist = learn.loss_terms.history
@@ -134,6 +154,42 @@ def test_unlabelled_labels_never_reach_the_loss():
     assert losses(labels='shuffled') == ref
     assert losses(labels=None) == ref
     assert losses(labels='true', start=900) != ref  # the unlabelled images do count: other images, other losses
+
+
+def test_shorthand_and_explicit_callback_train_the_same():
+    "CDSCallback(unlabelled=udl) adds a SemiSupervisedCallback(udl): the same losses as adding it by hand"
+    def run(explicit):
+        set_seed(0)
+        udl = unlab_dl()
+        learn = learner(lab_dls(), udl, explicit=explicit)
+        semi = [cb for cb in learn.cbs if isinstance(cb, SemiSupervisedCallback)]
+        assert len(semi) == 1 and semi[0].dl is udl and semi[0].order > learn.cds.order
+        learn.fit(1, 1e-3)
+        return learn, [float(v) for v in learn.recorder.losses]
+    learn, short = run(False)
+    assert run(True)[1] == short and len(short) == 4
+    # the companion leaves (and comes back) with CDSCallback
+    cds = learn.cds
+    learn.remove_cb(cds)
+    assert not any(isinstance(cb, SemiSupervisedCallback) for cb in learn.cbs)
+    learn.add_cb(cds)
+    assert sum(isinstance(cb, SemiSupervisedCallback) for cb in learn.cbs) == 1
+
+
+def test_semi_supervised_callback_without_cds_is_rejected_at_fit_start():
+    learn = no_bar(Learner(lab_dls(), tiny_cnn(), loss_func=CrossEntropyLossFlat(), cbs=SemiSupervisedCallback(unlab_dl())))
+    n = counter(learn)
+    with pytest.raises(ValueError, match=r'add a CDSCallback.*CDSCallback\(unlabelled=udl\)'): learn.fit(1)
+    assert n[0] == 0
+
+
+def test_unlabelled_views_check_takes_a_shape():
+    views = UnlabelledViews(unlab_dl(), simclr_tfms(n_channels=1))
+    views.check((1, 16, 16))
+    with pytest.raises(ValueError, match=r'Unlabelled images are \(1, 16, 16\) but labelled ones \(3, 16, 16\)'):
+        views.check((3, 16, 16))
+    u = views.next()
+    assert u.shape == (16, 1, 16, 16)  # cat(view 1, view 2) of a batch of 8
 
 
 # ---------------------------------------------------------------- 2. the unlabelled loader's cycle
@@ -240,9 +296,9 @@ def test_export_is_plain_and_loads_without_fastai_cds(tmp_path):
     assert res['keys'] == list(tiny_cnn().state_dict()) and res['type'] == 'torch.nn.modules.container.Sequential'
     assert not any(c.startswith('fastai_cds') for c in res['cbs'])
     torch.testing.assert_close(torch.load(tmp_path / 'pred.pt'), pred, atol=1e-5, rtol=0)
-    raw, members = scan_pickle(tmp_path / 'semi.pkl')
-    assert b'fastai_cds' not in raw and b'fastai_cds' not in members
-    assert next(learn.model.heads[0].parameters()).detach().numpy().tobytes() not in members
+    assert ours(tmp_path / 'semi.pkl') == []
+    with zipfile.ZipFile(tmp_path / 'semi.pkl') as z: members = b''.join(z.read(n) for n in z.namelist())
+    assert next(learn.model.heads[0].parameters()).detach().numpy().tobytes() not in members  # no head weights inside
 
 
 # ---------------------------------------------------------------- 5. bad input: clear errors when fit starts

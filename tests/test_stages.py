@@ -1,4 +1,5 @@
-"Tests of `fastai_cds.stages`: stage discovery on torchvision/timm/custom CNNs, and graph-keeping hooks."
+"""Tests of `fastai_cds.stages`: stage discovery on torchvision/timm/custom CNNs, checked against a real forward of
+`DeepSupervisionModel` (the stage outputs it records keep the graph); `module_mode`."""
 import copy
 import functools
 import re
@@ -10,7 +11,10 @@ import torch.nn as nn
 import torchvision
 from fastai.vision.learner import create_vision_model
 
-from fastai_cds.stages import StageInfo, find_stages, stage_hooks
+from fastai_cds.model import DeepSupervisionModel
+from fastai_cds.stages import StageInfo, find_stages, module_mode
+
+from helpers import hooked_modules
 
 IN = 64  # probe resolution: keeps every arch fast on CPU
 
@@ -33,19 +37,22 @@ def vision_model(arch, n_out=10):
 
 
 def assert_no_hooks(model):
-    left = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    left = hooked_modules(model)
     assert not left, f"hooks left on {left}"
 
 
 def check_against_forward(model, x, stages):
-    "Run a training forward with `stage_hooks`; the stored maps match `stages` and keep the graph"
+    "One armed training forward of `model` wrapped with identity heads on `stages`: the recorded maps match them and keep the graph"
     model.train()
     xg = x.clone().requires_grad_()
-    with stage_hooks(model, [s.name for s in stages]) as hooks:
-        model(xg)
-        outs = list(hooks.stored)
+    ds = DeepSupervisionModel(model, nn.ModuleList([nn.Identity() for _ in stages]), [s.name for s in stages])
+    ds.arm()
+    ds(xg)
+    taps = ds.read()
+    outs = list(taps.stages)
     assert_no_hooks(model)
     assert len(outs) == len(stages)
+    assert all(h is o for h, o in zip(taps.heads, outs))  # identity heads: the heads saw the stage outputs
     for s, o in zip(stages, outs):
         assert isinstance(o, torch.Tensor) and o.ndim == 4, s
         assert o.shape[0] == x.shape[0]
@@ -317,18 +324,21 @@ def test_mixed_train_eval_modes_preserved(x):
     assert not changed, f"training flag changed on {changed}"
 
 
-def test_stage_hooks_removed_on_exception(x):
-    model = flat_cnn()
+def test_module_mode_sets_and_restores_every_module(x):
+    "Every module in the asked mode inside the block; each one's own mode back on exit, after an exception too"
+    model = flat_cnn().train()
+    model[1].eval()  # a frozen BatchNorm
+    modes = [m.training for m in model.modules()]
+    with module_mode(model) as m:
+        assert m is model and not any(k.training for k in model.modules())
+    assert [m.training for m in model.modules()] == modes
+    model.eval()
+    modes = [m.training for m in model.modules()]
     with pytest.raises(RuntimeError, match="boom"):
-        with stage_hooks(model, ["2", "5"]):
-            model(x)
+        with module_mode(model, training=True):
+            assert all(k.training for k in model.modules())
             raise RuntimeError("boom")
-    assert_no_hooks(model)
-
-
-def test_stage_hooks_unknown_name():
-    with pytest.raises(AttributeError):
-        stage_hooks(flat_cnn(), ["nope"])
+    assert [m.training for m in model.modules()] == modes
 
 
 def test_stage_info_repr():

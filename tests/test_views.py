@@ -1,4 +1,4 @@
-"Tests of `fastai_cds.views`: the two-view DataLoader, the batch crop/hue/grayscale transforms and `simclr_tfms`."
+"Tests of `fastai_cds.views`: the two-view DataLoader, the batch crop/hue/grayscale/Cutout transforms and `simclr_tfms`."
 import itertools
 
 import matplotlib
@@ -17,7 +17,7 @@ from fastai.vision.data import ImageBlock  # noqa: E402
 
 from fastai_cds.data import digits_dls  # noqa: E402
 from fastai_cds.views import (  # noqa: E402
-    HueRotate, RandomGrayscale, RandomResizedCropBatch, TwoViews, hue_rotation_mat, resized_crop_mat, show_views,
+    Cutout, HueRotate, RandomGrayscale, RandomResizedCropBatch, TwoViews, hue_rotation_mat, resized_crop_mat, show_views,
     simclr_tfms, two_view_dl, view_pipelines)
 
 BS = 16  # the batch size of `dls` (conftest.py): digits with the default (random) augmentation
@@ -317,3 +317,49 @@ def test_two_views_transform_is_item_transform():
     out = tv((x, y))
     assert out[0].shape == (8, 1, 8, 8) and torch.equal(out[1], y)
     assert torch.equal(out[0][:4], x) and torch.equal(out[0][4:], x)
+
+
+# ---------------------------------------------------------------- Cutout
+@pytest.mark.parametrize("size", [16, 8])
+def test_cutout_one_square_per_image_clipped_at_the_borders(size):
+    "Every image: its zeros form one axis-aligned rectangle, size x size unless it meets a border, at its own place"
+    set_seed(0)
+    x = TensorImage(torch.ones(64, 3, 32, 32))
+    y = Cutout(size)(x, split_idx=0)
+    assert isinstance(y, TensorImage) and y.shape == x.shape
+    assert set(y.unique().tolist()) <= {0., 1.}
+    holes = (y == 0).all(1)
+    assert torch.equal(holes, (y == 0).any(1))  # every channel at once
+    places = set()
+    for h in holes:
+        rows, cols = h.any(1), h.any(0)
+        r, c = rows.nonzero().flatten(), cols.nonzero().flatten()
+        assert len(r) and len(c)
+        assert torch.equal(r, torch.arange(r[0], r[-1] + 1)) and torch.equal(c, torch.arange(c[0], c[-1] + 1))  # contiguous
+        assert torch.equal(h, rows[:, None] & cols[None, :])  # a full rectangle
+        for idx, n in ((r, 32), (c, 32)):
+            inside = idx[0] > 0 and idx[-1] < n - 1
+            assert len(idx) <= size and (len(idx) == size or not inside)
+        places.add((int(r[0]), int(c[0])))
+    assert len(places) > 16  # not the same place in every image
+    assert (holes.flatten(1).sum(1) == size * size).float().mean() > 0.1
+
+
+def test_cutout_leaves_validation_alone_and_runs_after_normalize():
+    x = TensorImage(torch.randn(4, 3, 8, 8))
+    assert torch.equal(Cutout(4)(x, split_idx=1), x)
+    assert Cutout.order > Normalize.order
+
+
+# ---------------------------------------------------------------- Cutout
+def test_cutout():
+    "One zero square of at most 16x16 (clipped at the borders) per image, at its own place; validation untouched"
+    from fastai_cds.views import Cutout
+    x = TensorImage(torch.ones(64, 3, 32, 32))
+    tfm = Cutout(16)
+    y = tfm(x, split_idx=0)
+    holes = (y == 0).all(1)  # (n, h, w)
+    area = holes.flatten(1).sum(1)
+    assert (area > 0).all() and (area <= 256).all() and (area == 256).float().mean() > 0.1
+    assert len({tuple(h.nonzero()[0].tolist()) for h in holes}) > 8  # not the same place in every image
+    assert torch.equal(tfm(x, split_idx=1), x)
