@@ -1,6 +1,6 @@
 """Accuracy and calibration of baseline, DSN, DKS, DHM and CDS (SupCon, SimCLR) on the embedded digits, paired seeds.
 
-Every method trains the same CNN (`small_cnn` of recipes/quickstart.py) with the same schedule; a seed fixes the data
+Every method trains the same CNN (`fastai_cds.models.small_cnn`, the quick start's) with the same schedule; a seed fixes the data
 split, the labelled subset, the shuffling order and the initialisation of the shared network for every method, so the
 differences to the baseline are paired. Results go one JSON line per run to `bench/out/compare.jsonl` as they finish;
 a run already there (same configuration) is skipped, so an interrupted benchmark resumes where it stopped. Not run by CI.
@@ -10,7 +10,7 @@ epochs instead of SGD over 300 epochs; view 2 of CDS without flip (digits are no
 intra-op thread (`--threads`) and runs go two at a time (`--workers`): on a shared 2-core machine that is several times
 faster than one run on two threads.
 """
-import os, sys, time, warnings
+import os, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -18,9 +18,6 @@ from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
 from paired import SkipValidation, fit, evaluate_calibrated, load_rows, append_row, complete, mean_std, delta_cells
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'recipes'))
-from quickstart import small_cnn  # noqa: E402  the quickstart's CNN, so the recipe and the benchmark agree
 
 METHODS = ['baseline', 'DSN', 'DKS', 'DHM', 'CDS-SupCon', 'CDS-SimCLR']
 

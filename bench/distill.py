@@ -1,8 +1,8 @@
 """Distillation on the embedded digits: a wide CNN teacher trained with CDS, the quickstart's small CNN as student.
 
-For every seed and label fraction a teacher (`cnn(48)` of recipes/distill.py: stage widths 48-96-192-384) is trained
-with `CDSCallback` for 3x the students' epochs (`--teacher-factor`), then the student (`small_cnn` of
-recipes/quickstart.py: 32-64-128-256) four ways from the same initial weights: alone, with KD (`KDCallback`, soft cross-entropy T=3), with CDS (no teacher) and with CDS+KD
+For every seed and label fraction a teacher (`small_cnn(width=48)`: stage widths 48-96-192-384) is trained
+with `CDSCallback` for 3x the students' epochs (`--teacher-factor`), then the student (`small_cnn`:
+32-64-128-256) four ways from the same initial weights: alone, with KD (`KDCallback`, soft cross-entropy T=3), with CDS (no teacher) and with CDS+KD
 (`CDSCallback(teacher=...)`: CDS + 0.1 x head-embedding distance through Linear adapters + soft cross-entropy T=3, the
 reference code's CIFAR setting). A seed fixes the data split, the labelled subset, the teacher and the student's
 initialisation, so the differences to the student alone are paired. Results go one JSON line per run to
@@ -12,7 +12,7 @@ there are skipped and saved teachers reloaded with `load_teacher`, so an interru
 Deviations from the paper: digits at 16x16 instead of CIFAR-100/ImageNet, two CNNs instead of ResNets, Adam with
 one-cycle and few epochs instead of SGD over 300 epochs; view 2 without flip (digits are not mirror-symmetric).
 """
-import importlib.util, sys, time, warnings
+import sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -20,13 +20,6 @@ from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
 from paired import reseed, SkipValidation, fit, evaluate, load_rows, append_row, complete, mean_std, delta_cells
-
-RECIPES = Path(__file__).resolve().parents[1]/'recipes'
-sys.path.insert(0, str(RECIPES))
-from quickstart import small_cnn  # noqa: E402  the quickstart's CNN: the student
-_spec = importlib.util.spec_from_file_location('distill_recipe', RECIPES/'distill.py')
-_recipe = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(_recipe)
-cnn = _recipe.cnn  # the same CNN, wider: the teacher
 
 METHODS = ['student', 'KD', 'CDS', 'CDS+KD']
 
@@ -98,7 +91,7 @@ def main(
                 tfile = tdir/f"teacher_s{seed}_lf{lf}_e{c['teacher_epochs']}_w{teacher_width}_sz{size}_lr{lr}_bs{bs}"
                 def new_teacher():
                     reseed(seed, dls)
-                    return Learner(dls, cnn(teacher_width), loss_func=CrossEntropyLossFlat(),
+                    return Learner(dls, small_cnn(width=teacher_width), loss_func=CrossEntropyLossFlat(),
                                    cbs=[SkipValidation(), CDSCallback(view2_tfms=v2, verbose=False)])
                 if 'teacher' in todo or not tfile.with_suffix('.pth').exists():
                     teacher = new_teacher()

@@ -30,13 +30,7 @@ from fastai_cds.all import *
 
 STATS = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
 
-def cifar_resnet18(n_out:int=10)->nn.Module:
-    "torchvision's ResNet18 with the CIFAR stem: 3x3 stride-1 conv1, no max-pool"
-    m = torchvision.models.resnet18(num_classes=n_out)
-    m.conv1, m.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
-    return m
-
-MODELS = {'CIFAR ResNet18 32x32': (cifar_resnet18, 32), 'ResNet18 64x64': (lambda: torchvision.models.resnet18(num_classes=10), 64)}
+MODELS = {'CIFAR ResNet18 32x32': (lambda: cifar_resnet('resnet18', 10), 32), 'ResNet18 64x64': (lambda: torchvision.models.resnet18(num_classes=10), 64)}
 
 def synthetic_items(n:int, size:int, seed:int=0)->list:
     "`n` random RGB uint8 images with labels in 0..9 (the content does not matter for speed)"
@@ -87,9 +81,10 @@ def _median_of(f, reps:int)->float:
 def component_fns(learn:Learner, x:Tensor, y:Tensor)->dict:
     "The parts of a CDS step beyond the plain one, as functions to time alone: every head, the contrastive losses"
     ds, cds = learn.model, learn.cds
-    with stage_hooks(ds.model, ds.stages) as hs: ds.model(x)
-    outs = [o.detach().requires_grad_() for o in hs.stored]
-    ids = contrastive_ids(y, 0)
+    with torch.no_grad():
+        ds.arm(); ds(x)
+        outs = [o.detach().requires_grad_() for o in ds.read().stages]
+    ids = y.long()
     def head(h, o): return lambda: h(o).float().pow(2).sum().backward()  # forward + backward, gradient to the stage too
     zs = [h(o).detach().requires_grad_() for h,o in zip(ds.heads, outs)]
     def supcon(): torch.stack([cds.contrastive(z, ids) for z in zs]).sum().backward()
@@ -108,7 +103,7 @@ def bench_steps(name:str, make, size:int, n:int, reps:int, warmup:int, profile_t
                 'plain 2N': Learner(dls, make(), loss_func=CrossEntropyLossFlat()),
                 'plain N': Learner(dls, make(), loss_func=CrossEntropyLossFlat()),
                 "CDS, head='mlp'": Learner(dls, make(), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(head='mlp', verbose=False)),
-                'CDS, checkpoint_heads=True': Learner(dls, make(), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(checkpoint_heads=True, verbose=False))}
+                'CDS, checkpoint_heads=True': Learner(dls, make(), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(head=partial(SepConvHead, checkpoint=True), verbose=False))}
     for l in learners.values(): start_training(l)
     cds = learners['CDS (N, two views)']
     x, y = next(iter(cds.dl))  # two views of N images: (2N, 3, h, w), (N,)

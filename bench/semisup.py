@@ -1,6 +1,6 @@
 """Semi-supervised CDS on the embedded digits at 10-40 % labels: the paper's Fig. 2 in miniature.
 
-Three ways to train the quickstart's small CNN (`small_cnn` of recipes/quickstart.py) on a stratified labelled fraction:
+Three ways to train the quickstart's small CNN (`fastai_cds.models.small_cnn`) on a stratified labelled fraction:
 the baseline on the labelled part, CDS on the labelled part, and semi-supervised CDS (`CDSCallback(unlabelled=udl)`:
 the labelled part plus the unlabelled rest through the contrastive term only, unlabelled batch size = labelled one).
 A seed fixes the data split, the labelled subset and the initialisation for every method, so the differences to the
@@ -19,9 +19,6 @@ from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
 from paired import reseed, SkipValidation, fit, evaluate, load_rows, append_row, complete, mean_std, delta_cells
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'recipes'))
-from quickstart import small_cnn  # noqa: E402  the quickstart's CNN, so the recipe and the benchmark agree
 
 METHODS = ['baseline', 'CDS', 'semi-CDS']
 LABELS = {'baseline': 'baseline (labelled part)', 'CDS': 'CDS (labelled part)', 'semi-CDS': 'semi-supervised CDS (+ unlabelled rest)'}
