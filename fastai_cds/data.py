@@ -13,7 +13,7 @@ from fastai.vision.augment import Resize, aug_transforms
 from .semi import stratified_fraction, split_labelled
 
 # %% auto #0
-__all__ = ['digits_items', 'digits_splits', 'digits_dls']
+__all__ = ['digits_items', 'digits_stats', 'digits_splits', 'digits_dls']
 
 # %% ../nbs/12_data.ipynb #082fe295
 def digits_items(n_channels:int=1)->tuple[list, np.ndarray]:
@@ -25,7 +25,12 @@ def digits_items(n_channels:int=1)->tuple[list, np.ndarray]:
     elif n_channels != 1: raise ValueError(f"n_channels must be 1 or 3, got {n_channels}")
     return [(im, int(t)) for im,t in zip(ims, d.target)], d.target
 
-# %% ../nbs/12_data.ipynb #266dec71
+# %% ../nbs/12_data.ipynb #8888cccd
+def digits_stats(n_channels:int=1)->tuple[list, list]:
+    "Mean and std of every pixel of the digits, per channel, for `Normalize.from_stats`"
+    ims = np.stack([it[0] for it in digits_items()[0]]).astype(np.float32)/255
+    return [float(ims.mean())]*n_channels, [float(ims.std())]*n_channels
+
 def digits_splits(labels, valid_pct:float=0.2, label_fraction:float=1., seed:int=0):
     "Indices (labelled train, unlabelled train, valid): a stratified valid split, then a labelled fraction of train"
     rest, valid = stratified_fraction(labels, 1-valid_pct, seed)
@@ -46,11 +51,9 @@ def digits_dls(
     "DataLoaders of scikit-learn's digits (labelled training items, validation), and the unlabelled rest if asked"
     items, labels = digits_items(n_channels)
     train, _, valid = digits_splits(labels, valid_pct, 1., seed)
-    ims = np.stack([it[0] for it in items]).astype(np.float32)/255
-    mean, std = [float(ims.mean())]*n_channels, [float(ims.std())]*n_channels
     if batch_tfms is None:
         batch_tfms = [*aug_transforms(do_flip=False, max_rotate=10., max_zoom=1.1, max_lighting=0.2, max_warp=0.1),
-                      Normalize.from_stats(mean, std, cuda=False)]
+                      Normalize.from_stats(*digits_stats(n_channels), cuda=False)]
     dblock = DataBlock(blocks=(ImageBlock(cls=PILImageBW if n_channels == 1 else PILImage), CategoryBlock),
                        getters=[ItemGetter(0), ItemGetter(1)], splitter=IndexSplitter(list(range(len(train), len(train)+len(valid)))),
                        item_tfms=Resize(size), batch_tfms=batch_tfms)

@@ -15,7 +15,7 @@ from .model import DeepSupervisionModel, Taps
 from .core import LossTermCallback, DeepSupervisionCallback, attach_aux, set_loss
 
 # %% auto #0
-__all__ = ['Teacher', 'load_teacher', 'Distiller', 'DistillCallback', 'KDCallback']
+__all__ = ['Teacher', 'load_teacher', 'Distiller', 'reference_distillation', 'DistillCallback', 'KDCallback']
 
 # %% ../nbs/08_distill.ipynb #5f87f3dc
 class Teacher:
@@ -48,7 +48,7 @@ def load_teacher(learner_fn, # builds the teacher's Learner with `CDSCallback`, 
         raise ValueError("load_teacher: the Learner has no CDS heads: build it with cbs=CDSCallback(...) as the teacher was trained")
     return learn.load(fname, **kwargs)
 
-# %% ../nbs/08_distill.ipynb #aa5186ee
+# %% ../nbs/08_distill.ipynb #1ea42739
 def _pool(f:Tensor)->Tensor: return F.adaptive_avg_pool2d(f, 1).flatten(1)
 
 class Distiller:
@@ -62,7 +62,7 @@ class Distiller:
         kl:bool=False, # KL x T^2 (paper) instead of soft cross-entropy (reference code)
         features:str='heads', # 'heads': head embeddings; 'stages': pooled raw stage outputs (ablation)
         teacher_heads:list[int]|None=None, # teacher head index for each student head (default: one to one)
-        teacher_bn_train:bool=False, # teacher BN in train mode, as the reference code
+        teacher_bn_train:bool=True, # teacher in train mode (BN on batch statistics), as the reference; False: eval mode
     ):
         if features not in ('heads', 'stages'): raise ValueError(f"Distiller: features must be 'heads' or 'stages', got {features!r}")
         if not (emb_weight >= 0 and logit_weight >= 0): raise ValueError("Distiller: weights must be >= 0")
@@ -78,8 +78,8 @@ class Distiller:
         return cls(teacher, squared=True, kl=True, **kwargs)
     @classmethod
     def imagenet(cls, teacher, **kwargs):
-        "The reference code's ImageNet setting: weights 0.5, T = 1"
-        return cls(teacher, emb_weight=0.5, logit_weight=0.5, T=1., **kwargs)
+        "The reference code's ImageNet setting: distance 0.5 per head, soft cross-entropy weight 1 at T = 1 (with `CDSCallback(weight=0.5)`)"
+        return cls(teacher, emb_weight=0.5, logit_weight=1., T=1., **kwargs)
 
     def features_of(self, taps:Taps)->list[Tensor]:
         "The features distilled from what a model's heads recorded: head embeddings or pooled stage outputs"
@@ -111,6 +111,17 @@ class Distiller:
     def total(self, terms:dict)->Tensor:
         "The weighted sum of the terms"
         return self.emb_weight*sum(v for k,v in terms.items() if k.startswith('emb_')) + self.logit_weight*terms['kd']
+
+def reference_distillation(
+    teacher:Learner|nn.Module, # trained with `CDSCallback`
+    setting:str='cifar', # 'cifar' (CIFAR/distill.py), 'imagenet' (ImageNet/KD_.../main.py) or 'paper' (eqs. 8-9)
+    **kwargs, # passed to `Distiller`
+)->tuple[float, Distiller]: # (the student's contrastive weight, for `CDSCallback(weight=...)`; the `Distiller`)
+    "A distillation setting of the reference code (or the paper's): the student's contrastive weight and the distiller"
+    presets = {'cifar': (0.1, Distiller), 'imagenet': (0.5, Distiller.imagenet), 'paper': (0.1, Distiller.paper)}
+    if setting not in presets: raise ValueError(f"reference_distillation: setting must be one of {list(presets)}, got {setting!r}")
+    weight, make = presets[setting]
+    return weight, make(teacher, **kwargs)
 
 # %% ../nbs/08_distill.ipynb #90cfd980
 class DistillCallback(LossTermCallback):

@@ -16,7 +16,7 @@ from .model import DeepSupervisionModel, split_with_heads
 # %% auto #0
 __all__ = ['plain_learner']
 
-# %% ../nbs/04_export.ipynb #02208704
+# %% ../nbs/04_export.ipynb #dfbdf70f
 def _is_ours(o)->bool:
     "Whether `o` (an object, or a function/class, or a partial or metric wrapping one) comes from fastai_cds"
     mods = [type(o).__module__, getattr(o, '__module__', None) if isinstance(o, (type, types.FunctionType)) else None,
@@ -38,13 +38,19 @@ def _popped(o, attr:str):
     try: yield
     finally: setattr(o, attr, v)
 
-def _our_train_tfms(learn:Learner):
-    "(pipeline, the pipeline's transforms without ours) for every DataLoader pipeline holding training-only transforms of fastai_cds"
+def _plain_tfms(f)->list:
+    "What stands for transform `f` in an export: itself, nothing if it is ours and training-only, or the fastai transforms it names (`plain_tfms`)"
+    if not _is_ours(f): return [f]
+    if getattr(f, 'split_idx', None) == 0: return []
+    if hasattr(f, 'plain_tfms'): return f.plain_tfms()
+    raise ValueError(f"{type(f).__name__} of fastai_cds is used at inference and has no fastai equivalent: the export would need fastai_cds")
+
+def _our_tfms(learn:Learner):
+    "(pipeline, its transforms in an export) for every DataLoader pipeline holding transforms of fastai_cds"
     for dl in learn.dls.loaders:
         for p in (getattr(dl, a, None) for a in ('after_item', 'before_batch', 'after_batch')):
             fs = getattr(p, 'fs', None)
-            if fs is not None and any(_is_ours(f) and getattr(f, 'split_idx', None) == 0 for f in fs):
-                yield p, L(f for f in fs if not (_is_ours(f) and getattr(f, 'split_idx', None) == 0))
+            if fs is not None and any(_is_ours(f) for f in fs): yield p, L(g for f in fs for g in _plain_tfms(f))
 
 @contextmanager
 def plain_learner(learn:Learner):
@@ -60,7 +66,7 @@ def plain_learner(learn:Learner):
         if _is_ours(getattr(learn, 'arch', None)): stack.enter_context(_swapped(learn, 'arch', None))
         for k in [k for k,v in vars(learn).items() if callable(v) and (_is_ours(v) or _is_ours(getattr(v, '__self__', None)))]:  # functions of ours set on the learner
             stack.enter_context(_popped(learn, k))
-        for p, fs in list(_our_train_tfms(learn)): stack.enter_context(_swapped(p, 'fs', fs))
+        for p, fs in list(_our_tfms(learn)): stack.enter_context(_swapped(p, 'fs', fs))
         yield learn
 
 # %% ../nbs/04_export.ipynb #4848eccb

@@ -16,8 +16,8 @@ from typing import Callable
 from .stages import StageInfo
 
 # %% auto #0
-__all__ = ['HEADS', 'L2Norm', 'sep_conv_block', 'CheckpointedSequential', 'conv_trunk', 'SepConvHead', 'MLPHead', 'head_factory',
-           'ProjectionHead', 'AuxClassifier']
+__all__ = ['HEADS', 'L2Norm', 'sep_conv_block', 'CheckpointedSequential', 'reference_init', 'conv_trunk', 'SepConvHead',
+           'MLPHead', 'head_factory', 'ProjectionHead', 'AuxClassifier']
 
 # %% ../nbs/02_heads.ipynb #e628e027
 class L2Norm(nn.Module):
@@ -32,7 +32,7 @@ def sep_conv_block(ni:int, nf:int, stride:int=2)->nn.Sequential:
         nn.Conv2d(ni, ni, 3, 1, 1, groups=ni, bias=False), nn.Conv2d(ni, nf, 1, bias=False),
         nn.BatchNorm2d(nf), nn.ReLU(inplace=True))
 
-# %% ../nbs/02_heads.ipynb #1f35922e
+# %% ../nbs/02_heads.ipynb #f811b01b
 @contextmanager
 def _frozen_bn_stats(m:nn.Module):
     "BatchNorm layers of `m` run as in training but leave their running statistics and batch count as they were"
@@ -50,6 +50,13 @@ class CheckpointedSequential(nn.Sequential):
         return torch_checkpoint(partial(nn.Sequential.forward, self), x, use_reentrant=False,
                           context_fn=lambda: (nullcontext(), _frozen_bn_stats(self)))
 
+def reference_init(m:nn.Module)->nn.Module:
+    "`m` with the reference code's initialisation: every conv `kaiming_normal_(mode='fan_out', nonlinearity='relu')`, BatchNorm weight 1, bias 0"
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d): nn.init.kaiming_normal_(mod.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine: nn.init.ones_(mod.weight); nn.init.zeros_(mod.bias)
+    return m
+
 def conv_trunk(stage:StageInfo, final:StageInfo, checkpoint:bool=False)->nn.Sequential:
     "Sep-conv blocks taking `stage`'s map to `final`'s resolution and width (empty when they match)"
     n = max(0, round(math.log2(stage.size[0]/final.size[0])))
@@ -57,9 +64,9 @@ def conv_trunk(stage:StageInfo, final:StageInfo, checkpoint:bool=False)->nn.Sequ
     else:
         widths = [round(stage.channels * (final.channels/stage.channels)**((k+1)/n)) for k in range(n)]
         blocks = [sep_conv_block(ni, nf) for ni,nf in zip([stage.channels]+widths[:-1], widths)]
-    return (CheckpointedSequential if checkpoint else nn.Sequential)(*blocks)
+    return reference_init((CheckpointedSequential if checkpoint else nn.Sequential)(*blocks))
 
-# %% ../nbs/02_heads.ipynb #02dcc120
+# %% ../nbs/02_heads.ipynb #44dc06d7
 class SepConvHead(nn.Sequential):
     "The reference head: sep-conv blocks to the final stage's shape, global average pooling, L2 norm; (bs, c, h, w) -> (bs, final width)"
     def __init__(self,
@@ -87,14 +94,14 @@ def head_factory(head:str|Callable)->Callable:
     if head not in HEADS: raise ValueError(f"head must be one of {list(HEADS)} or a callable (stage, final) -> nn.Module, got {head!r}")
     return HEADS[head]
 
-# %% ../nbs/02_heads.ipynb #91d8c6ff
+# %% ../nbs/02_heads.ipynb #40506c92
 def ProjectionHead(stage:StageInfo, final:StageInfo, kind:str='sepconv', dim:int=128, hidden:int|None=None, checkpoint:bool=False)->nn.Module:
     "Deprecated: use `SepConvHead` or `MLPHead`"
     warnings.warn("ProjectionHead is deprecated: use SepConvHead(stage, final) or MLPHead(stage, final, dim)", DeprecationWarning, stacklevel=2)
     if kind == 'mlp': return MLPHead(stage, final, dim, hidden)
     return head_factory(kind)(stage, final, checkpoint=checkpoint)
 
-# %% ../nbs/02_heads.ipynb #11ef78ca
+# %% ../nbs/02_heads.ipynb #abfb022e
 class AuxClassifier(nn.Sequential):
     "A deep-supervision classifier on a stage: the same trunk as `SepConvHead`, then a Linear layer; (bs, c, h, w) -> (bs, n_out)"
     def __init__(self, stage:StageInfo, final:StageInfo, n_out:int):

@@ -11,7 +11,7 @@ import torchvision
 from fastai.layers import ConvLayer
 
 # %% auto #0
-__all__ = ['small_cnn', 'get_arch', 'cifar_stem', 'cifar_resnet']
+__all__ = ['small_cnn', 'get_arch', 'cifar_stem', 'reference_stem', 'cifar_resnet']
 
 # %% ../nbs/14_models.ipynb #9c502478
 def small_cnn(
@@ -34,12 +34,20 @@ def get_arch(name:str)->Callable:
         raise ValueError(f"{name!r} is not a torchvision classification model" + (f"; did you mean {', '.join(close)}?" if close else
                          f": pick one of torchvision.models.list_models(torchvision.models), e.g. resnet18, resnet50")) from None
 
-# %% ../nbs/14_models.ipynb #d16232ba
+# %% ../nbs/14_models.ipynb #14be639b
 def cifar_stem(m:nn.Module)->nn.Module:
     "`m`, a torchvision ResNet-family model, with the CIFAR stem: 3x3 stride-1 first conv, no max-pool"
     if not isinstance(getattr(m, 'conv1', None), nn.Conv2d) or not hasattr(m, 'maxpool'):
         raise ValueError(f"cifar_stem needs a torchvision ResNet-family model (with `conv1` and `maxpool`), not {type(m).__name__}")
     m.conv1, m.maxpool = nn.Conv2d(m.conv1.in_channels, m.conv1.out_channels, 3, 1, 1, bias=False), nn.Identity()
+    nn.init.kaiming_normal_(m.conv1.weight, mode='fan_out', nonlinearity='relu')  # as torchvision (and the reference) initialise every conv
+    return m
+
+def reference_stem(m:nn.Module)->nn.Module:
+    "`m`, a torchvision ResNet-family model, without its max-pool: the reference ImageNet network's stages run at twice the resolution"
+    if not isinstance(getattr(m, 'maxpool', None), nn.MaxPool2d):
+        raise ValueError(f"reference_stem needs a torchvision ResNet-family model (with a `maxpool`), not {type(m).__name__}")
+    m.maxpool = nn.Identity()
     return m
 
 def cifar_resnet(arch:str='resnet18', n_out:int=10)->nn.Module:
