@@ -20,7 +20,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 
 from fastai_cds.cds import CDSCallback
-from fastai_cds.distill import DistillCallback, Distiller, KDCallback, Teacher, load_teacher
+from fastai_cds.distill import DistillCallback, Distiller, KDCallback, Teacher, load_teacher, reference_distillation
 from fastai_cds.model import DeepSupervisionModel, Taps
 from fastai_cds.precision import DeviceMixedPrecision
 
@@ -108,7 +108,7 @@ def expected_loss(cap, got, n_heads, emb_weight=0.1, logit_weight=1., T=3., squa
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+def trained_teacher(tmp_path_factory):
     "A CDS teacher trained one epoch (non-trivial BN statistics), saved with `learn.save`; its grads cleared"
     d = tmp_path_factory.mktemp("teacher")
     set_seed(0)
@@ -119,11 +119,19 @@ def teacher(tmp_path_factory):
     return t
 
 
+@pytest.fixture
+def teacher(trained_teacher):
+    "A copy of the trained teacher for one test: a teacher in train mode (the default, as the reference) moves its BN statistics"
+    t = teacher_learner(path=trained_teacher.path)
+    t.model.load_state_dict(trained_teacher.model.state_dict())
+    return t
+
+
 # ---------------------------------------------------------------- 1. the loss, switch by switch
 CASES = {
     'reference': (lambda t: t, dict()),
     'paper': (lambda t: Distiller.paper(t), dict(squared=True, kl=True)),
-    'imagenet': (lambda t: Distiller.imagenet(t), dict(emb_weight=0.5, logit_weight=0.5, T=1.)),
+    'imagenet': (lambda t: Distiller.imagenet(t), dict(emb_weight=0.5, logit_weight=1., T=1.)),
     'stages': (lambda t: Distiller(t, features='stages'), dict(features='stages')),
     'custom': (lambda t: Distiller(t, emb_weight=0.3, logit_weight=2., T=2., squared=True), dict(emb_weight=0.3, logit_weight=2., T=2., squared=True)),
 }
@@ -291,10 +299,14 @@ def test_features_of_heads_or_pooled_stages(teacher):
 
 
 # ---------------------------------------------------------------- 2. the frozen teacher
-def test_teacher_runs_in_eval_mode_without_grad(teacher):
+def test_teacher_mode_train_by_default_eval_on_request(teacher):
+    "The teacher runs under no_grad, in train mode by default (as both reference scripts), in eval mode with teacher_bn_train=False"
+    t = copy.deepcopy(teacher.model)  # train mode moves its BN statistics: leave the module's teacher as saved
     set_seed(1)
-    learn = student_learner(CDSCallback(teacher=teacher, verbose=False))
-    cap, _ = run_one_batch(learn, teacher.model)
+    cap, _ = run_one_batch(student_learner(CDSCallback(teacher=Learner(make_dls(), t), verbose=False)), t)
+    assert cap.state['t_bn'] == (True, False)  # train mode, no_grad
+    set_seed(1)
+    cap, _ = run_one_batch(student_learner(CDSCallback(teacher=Distiller(teacher, teacher_bn_train=False), verbose=False)), teacher.model)
     assert cap.state['t_bn'] == (False, False)  # eval mode, no_grad
     assert cap.state['s_bn'] == (True, True)
 
@@ -367,16 +379,16 @@ CHILD_TEACHER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def fitted(teacher, tmp_path_factory):
+def fitted(trained_teacher, tmp_path_factory):
     """Fit a CDS+KD student and a KD student one epoch each; export both; load them in a process without fastai_cds
     and the teacher (`load_teacher`) in another, both fresh, in parallel"""
-    d = Path(teacher.path)
-    t_before, t_modes = snapshot(teacher.model), [m.training for m in teacher.model.modules()]
+    d = Path(trained_teacher.path)
+    t_before, t_modes = snapshot(trained_teacher.model), [m.training for m in trained_teacher.model.modules()]
     set_seed(2)
-    cds = student_learner(CDSCallback(teacher=teacher, verbose=False))
+    cds = student_learner(CDSCallback(teacher=Distiller(trained_teacher, teacher_bn_train=False), verbose=False))  # eval: the teacher stays as saved
     aux_before = snapshot(cds.model.aux['distill'])
     with cds.no_logging(): cds.fit(1, 1e-2)
-    kd = student_learner(KDCallback(teacher))
+    kd = student_learner(KDCallback(trained_teacher))
     with kd.no_logging(): kd.fit(1, 1e-2)
     x = make_dls().valid.one_batch()[0].as_subclass(torch.Tensor).clone()
     torch.save(x, d / 'x.pt')
@@ -391,7 +403,8 @@ def fitted(teacher, tmp_path_factory):
                 res=json.load(open(d / 'res.json')), out=torch.load(d / 'out.pt'), t_out=torch.load(d / 'teacher_out.pt'))
 
 
-def test_teacher_unchanged_and_without_gradient_after_student_fits(teacher, fitted):
+def test_teacher_unchanged_and_without_gradient_after_student_fits(trained_teacher, fitted):
+    teacher = trained_teacher  # in eval mode for these students
     after = snapshot(teacher.model)
     assert after.keys() == fitted['t_before'].keys()
     for k, v in fitted['t_before'].items():  # weights, heads and BN running statistics (and their counters)
@@ -525,3 +538,34 @@ def test_kd_teacher_can_be_any_module_and_validation_is_plain(teacher):
     with torch.no_grad():
         ref = sum(F.cross_entropy(learn.model(xb), yb.as_subclass(torch.Tensor), reduction='sum').item() for xb, yb in learn.dls.valid)
     assert abs(vloss - ref / 16) < 1e-5
+
+
+# ---------------------------------------------------------------- the reference settings
+@pytest.mark.parametrize('setting,expected', [
+    ('cifar', (0.1, 0.1, 1., 3., False, False)),  # CIFAR/distill.py: torch.dist * 0.1, CrossEntropy(outputs/3, t/3), SupCon * 0.1
+    ('imagenet', (0.5, 0.5, 1., 1., False, False)),  # ImageNet/KD_.../main.py: torch.dist * 0.5, CrossEntropy (T 1) * 1, SupCon * 0.5
+    ('paper', (0.1, 0.1, 1., 3., True, True)),  # eqs. 8-9: squared distance, KL
+])
+def test_reference_distillation_settings(teacher, setting, expected):
+    "Each setting's contrastive weight, distance and soft-target weights, temperature and forms; the teacher in train mode, as both reference scripts"
+    weight, d = reference_distillation(teacher, setting)
+    assert (weight, d.emb_weight, d.logit_weight, d.T, d.squared, d.kl) == expected
+    assert d.teacher.bn_train is True
+    assert reference_distillation(teacher, setting, teacher_bn_train=False)[1].teacher.bn_train is False
+    with pytest.raises(ValueError, match="setting must be one of"): reference_distillation(teacher, 'cifar100')
+
+
+def test_teacher_in_train_mode_uses_batch_statistics(teacher):
+    "Train mode (the default, as the reference): BatchNorm normalises with the batch's statistics and moves its running ones; eval mode leaves them"
+    t = Distiller(teacher).teacher
+    t.model.eval()
+    bn = next(m for m in t.model.modules() if isinstance(m, nn.BatchNorm2d))
+    x = torch.randn(8, 1, 16, 16) * 3 + 1
+    before = bn.running_mean.clone()
+    logits_train = t(x)
+    assert not torch.equal(bn.running_mean, before)
+    moved = bn.running_mean.clone()
+    t_eval = Distiller(teacher, teacher_bn_train=False).teacher
+    logits_eval = t_eval(x)
+    assert torch.equal(bn.running_mean, moved) and not torch.allclose(logits_train, logits_eval)
+    assert not any(m.training for m in t.model.modules())  # the mode is set for the forward only

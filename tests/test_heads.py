@@ -239,3 +239,16 @@ def test_sepconv_head_checkpoint_option():
     st, fin = StageInfo('layer1', 16, (16, 16), 4), StageInfo('layer4', 64, (2, 2), 32)
     assert isinstance(SepConvHead(st, fin, checkpoint=True)[0], CheckpointedSequential)
     assert type(SepConvHead(st, fin)[0]) is nn.Sequential
+
+
+def test_head_convs_start_from_the_reference_initialisation():
+    "kaiming_normal_(mode='fan_out', nonlinearity='relu') on every head conv (std sqrt(2/fan_out)), BatchNorm weight 1 and bias 0"
+    torch.manual_seed(0)
+    head = SepConvHead(StageInfo('s', 64, (16, 16), 1), StageInfo('f', 512, (2, 2), 8))
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 12
+    for c in convs:
+        fan_out = c.out_channels * c.kernel_size[0] * c.kernel_size[1]
+        assert abs(c.weight.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.1, (c, c.weight.std())
+    for bn in (m for m in head.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))

@@ -80,13 +80,14 @@ def smoke_args(recipe:Path)->list:
 CIFAR, FINE = ROOT/'recipes/cifar.py', ROOT/'recipes/finegrained.py'
 JOBS = {'finegrained': (FINE, ['--smoke'])} if FINE in RECIPES else {}
 JOBS.update({p.stem: (p, smoke_args(p)) for p in RECIPES})
-FAST = list(JOBS) + ['cifar --fp16 --channels-last --method dsn --schedule one-cycle']  # bf16 autocast on the CPU, a baseline
+FAST = list(JOBS) + ['cifar --fp16 --channels-last --method dsn --schedule one-cycle',  # bf16 autocast on the CPU, a baseline
+                     'finegrained --no-pretrained --method dhm']  # Table 5 (from scratch)
 SLOW = [f'cifar --method {m}' for m in ('base', 'dks', 'dhm', 'cds-simclr')] + [
     'cifar --no-cifar-stem', 'cifar --cutout 0 --seed 0', 'cifar --arch resnet34 --fp16',
-    'finegrained --no-pretrained --fp16 --channels-last', 'finegrained --method dhm', 'finegrained --method base --arch resnet18']
+    'finegrained --no-pretrained --fp16 --channels-last', 'finegrained --method base --arch resnet18', 'imagenet --reference-stem --method dks']
 for k in FAST[len(JOBS):] + SLOW:
     name, *args = k.split()
-    JOBS[k] = ({'cifar': CIFAR, 'finegrained': FINE}[name], ['--smoke', *args])
+    JOBS[k] = (ROOT/'recipes'/f'{name}.py', ['--smoke', *args])
 
 
 def run_job(recipe:Path, args:list, export:Path, load:Loader)->tuple:
@@ -157,5 +158,18 @@ def test_recipe(job, jobs):
     said = re.findall(r'\S+\.pkl', r.stdout)
     assert load is not None, "asked for --export PATH, got no file there" + (f" (the recipe named {said})" if said else '')
     assert load[0], f"the export does not load without fastai_cds: {load[1]}"
-    if JOBS[job][0] in (CIFAR, FINE): assert re.search(r'^\| digits \(smoke\) ', r.stdout, re.M), r.stdout[-2000:]  # the table
+    if JOBS[job][0].stem in ('cifar', 'imagenet', 'finegrained'):  # the table: last and best top-1, and the paper's number
+        header, _, row = [l for l in r.stdout.splitlines() if l.startswith('| ')][-3:]
+        table = dict(zip([c.strip() for c in header.split('|')], [c.strip() for c in row.split('|')]))
+        assert 'smoke' in table['dataset'] and table['top-1 (%)'], r.stdout[-2000:]
+        if JOBS[job][0].stem != 'finegrained': assert table['best top-1 (%)'].endswith('(epoch 1)'), table
+        if JOBS[job][0].stem == 'imagenet': assert table['top-5 (%)'] and table['top-5 then (%)'], table
+        if JOBS[job][0].stem == 'finegrained':  # the paper's number of the dataset (cub), the setting and the method run
+            assert table['paper top-1 (%)'] == ('64.01' if '--no-pretrained --method dhm' in job else '82.10' if job == 'finegrained' else table['paper top-1 (%)']), table
     if '--method dsn' in job: assert 'DSNCallback: 3 heads' in r.stdout
+
+
+def test_imagenet_without_path(tmp_path):
+    "fastai has no ImageNet download: without --path, one line on how to pass a local copy"
+    err = offline('imagenet.py', tmp_path)
+    assert err.count('\n') == 1 and 'ImageNet' in err and '--path' in err and 'train/ and val/' in err, err

@@ -221,3 +221,37 @@ def test_layout_cars_annos(tmp_path):
 def test_layout_unknown(tmp_path):
     touch(tmp_path/'images'/'x.jpg')
     with pytest.raises(CliError, match='ImageNet-style'): split_table(tmp_path)
+
+
+# ---------------------------------------------------------------- the paper's numbers and the best epoch
+def test_paper_tables_match_the_paper():
+    "Tables 1-2 (CIFAR, ImageNet) and 5-6 (fine-grained, ResNet50, from scratch / fine-tuned), typed in from ../shared/cds-method.md"
+    from fastai_cds.training import PAPER_TOP1, paper_top1
+    m = ('base', 'dsn', 'dks', 'dhm', 'cds')
+    tables = {
+        ('cifar100', 'resnet18'): (77.45, 78.30, 78.96, 78.82, 80.84), ('cifar100', 'resnet50'): (77.81, 78.96, 80.95, 81.12, 81.31),
+        ('cifar10', 'resnet18'): (94.96, 95.31, 95.72, 95.61, 96.49),
+        ('imagenet', 'resnet18'): (69.21, 69.54, 71.32, 71.29, 72.85), ('imagenet', 'resnet50'): (75.30, 75.37, 76.47, 76.57, 78.25),
+        ('cub', 'resnet50', 'scratch'): (60.65, 62.37, 63.59, 64.01, 64.65), ('cub', 'resnet50', 'pretrained'): (78.50, 80.14, 81.34, 81.27, 82.10),
+        ('cars', 'resnet50', 'scratch'): (79.86, 81.04, 81.52, 81.49, 82.07), ('cars', 'resnet50', 'pretrained'): (90.25, 91.32, 92.54, 92.31, 92.90),
+        ('flowers', 'resnet50', 'scratch'): (87.52, 88.54, 88.94, 89.03, 89.26), ('flowers', 'resnet50', 'pretrained'): (97.68, 98.64, 99.01, 98.84, 99.39),
+        ('dogs', 'resnet50', 'scratch'): (64.00, 66.32, 68.31, 68.38, 69.02), ('dogs', 'resnet50', 'pretrained'): (76.47, 77.21, 78.32, 78.20, 80.99),
+        ('aircraft', 'resnet50', 'scratch'): (74.07, 74.49, 75.07, 75.00, 75.43), ('aircraft', 'resnet50', 'pretrained'): (87.43, 89.31, 89.20, 89.57, 90.52),
+    }
+    assert set(PAPER_TOP1) == set(tables)
+    for setting, numbers in tables.items():
+        assert [paper_top1(*setting, method=k) for k in m] == list(numbers), setting
+    assert paper_top1('cub', 'resnet50', method='cds') is None  # the fine-grained tables need the setting
+
+
+def test_best_metrics_picks_the_best_epoch():
+    "The highest validation accuracy over the epochs, the first epoch it came in, every metric then; a later get_preds leaves them"
+    from fastai_cds.training import BestMetrics
+    learn = arch_learner('cnn:4', labelled_data('digits', 8, 32, label_fraction=0.1)[0], cbs=BestMetrics())
+    with learn.no_bar(), learn.no_logging(): learn.fit(5, 1e-2)
+    values = [list(v) for v in learn.recorder.values]  # train_loss, valid_loss, accuracy of each epoch
+    accs = [v[2] for v in values]
+    with learn.no_bar(): learn.get_preds()  # it calls before_fit (the Recorder starts anew), not the fit's best
+    bm = learn.best_metrics
+    assert bm.best == max(accs) and bm.best_at == accs.index(max(accs))
+    assert bm.best_values == dict(zip(['train_loss', 'valid_loss', 'accuracy'], values[bm.best_at]))

@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from fastai.data.block import CategoryBlock, DataBlock  # noqa: E402
-from fastai.data.transforms import IndexSplitter, ItemGetter, Normalize  # noqa: E402
+from fastai.data.transforms import IndexSplitter, IntToFloatTensor, ItemGetter, Normalize  # noqa: E402
 from fastai.torch_core import TensorImage, set_seed  # noqa: E402
 from fastai.vision.augment import Resize  # noqa: E402
 from fastai.vision.core import PILImageBW  # noqa: E402
@@ -262,22 +262,22 @@ def _kinds(tfms):
 
 def test_simclr_tfms_one_channel():
     names = _kinds(simclr_tfms(n_channels=1))
-    assert "RandomResizedCropBatch" in names
-    assert "_BrightnessLogit" in names and "_ContrastLogit" in names
-    assert "flip_mat" in names
-    for bad in ("Saturation", "_SaturationLogit", "Hue", "_Hue", "RandomGrayscale"):
-        assert bad not in names, bad
+    assert "RandomResizedCropBatch" in names and "ColorJitterBatch" in names and "flip_mat" in names
+    assert "RandomGrayscale" not in names
     x = img(torch.rand(4, 1, 16, 16))
     from fasttransform import Pipeline
     assert Pipeline(simclr_tfms(n_channels=1), split_idx=0)(x).shape == (4, 1, 16, 16)
 
 
 def test_simclr_tfms_three_channels():
-    names = _kinds(simclr_tfms(n_channels=3))
-    for good in ("RandomResizedCropBatch", "_BrightnessLogit", "_ContrastLogit", "_SaturationLogit", "HueRotate",
-                 "RandomGrayscale", "flip_mat"):
+    "The reference's ImageNet view 2: crop 0.2-1 and flip (one resampling), the grouped jitter (0.4, 0.4, 0.4, 0.1, p 0.8), grayscale 0.2"
+    tfms = simclr_tfms(n_channels=3)
+    names = _kinds(tfms)
+    for good in ("RandomResizedCropBatch", "ColorJitterBatch", "RandomGrayscale", "flip_mat"):
         assert good in names, good
-    assert "Hue" not in names and "_Hue" not in names  # fastai's HSV hue: 100x slower than HueRotate
+    jit = next(t for t in tfms if type(t).__name__ == 'ColorJitterBatch')
+    assert (jit.brightness, jit.contrast, jit.saturation, jit.hue, jit.p_img) == (0.4, 0.4, 0.4, 0.1, 0.8)
+    assert next(t for t in tfms if type(t).__name__ == 'RandomGrayscale').p_img == 0.2
     assert "flip_mat" not in _kinds(simclr_tfms(n_channels=3, flip=False))
     from fasttransform import Pipeline
     out = Pipeline(simclr_tfms(size=8, n_channels=3), split_idx=0)(img(torch.rand(4, 3, 16, 16)))
@@ -345,10 +345,11 @@ def test_cutout_one_square_per_image_clipped_at_the_borders(size):
     assert (holes.flatten(1).sum(1) == size * size).float().mean() > 0.1
 
 
-def test_cutout_leaves_validation_alone_and_runs_after_normalize():
+def test_cutout_leaves_validation_alone_and_runs_before_normalize():
+    "As the reference: the hole is cut in the [0, 1] image, so it is black once normalised"
     x = TensorImage(torch.randn(4, 3, 8, 8))
     assert torch.equal(Cutout(4)(x, split_idx=1), x)
-    assert Cutout.order > Normalize.order
+    assert IntToFloatTensor.order < Cutout.order < Normalize.order
 
 
 # ---------------------------------------------------------------- Cutout
@@ -363,3 +364,161 @@ def test_cutout():
     assert (area > 0).all() and (area <= 256).all() and (area == 256).float().mean() > 0.1
     assert len({tuple(h.nonzero()[0].tolist()) for h in holes}) > 8  # not the same place in every image
     assert torch.equal(tfm(x, split_idx=1), x)
+
+
+# ---------------------------------------------------------------- the reference views, statistic by statistic
+# The presets against the reference code's own torchvision recipes (CIFAR/train.py, ImageNet/.../main.py), written here,
+# on the same images; both pipelines stop before Normalize, so their outputs are pixels in [0, 1].
+import torchvision.transforms as T  # noqa: E402
+from PIL import Image  # noqa: E402
+from fastai_cds.views import reference_views  # noqa: E402
+
+N_REF = 4000
+
+
+class RefCutout:
+    "The reference's cutout.py: one hole of `length` (clipped at the borders) on a (C, H, W) tensor, numpy's RNG"
+    def __init__(self, length): self.length = length
+    def __call__(self, img):
+        h, w = img.shape[1:]
+        mask = np.ones((h, w), np.float32)
+        y, x = np.random.randint(h), np.random.randint(w)
+        mask[np.clip(y - self.length // 2, 0, h):np.clip(y + self.length // 2, 0, h), np.clip(x - self.length // 2, 0, w):np.clip(x + self.length // 2, 0, w)] = 0.
+        return img * torch.from_numpy(mask).expand_as(img)
+
+
+def ref_cifar_views():
+    t1 = T.Compose([T.RandomCrop(32, padding=4, fill=128), T.RandomHorizontalFlip(), T.ToTensor(), RefCutout(16)])
+    t2 = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                    T.RandomGrayscale(p=0.2), T.ToTensor()])
+    return t1, t2
+
+
+def ours_cifar_views():
+    v = reference_views('cifar')
+    run = lambda tfms: (lambda x: tfms_apply(tfms, x))
+    return run(v.batch_tfms[:-1]), run(v.view2_tfms)  # view 1 without its Normalize
+
+
+def tfms_apply(tfms, x):
+    for t in sorted(tfms, key=lambda t: t.order): x = t(x, split_idx=0)
+    return x
+
+
+def both_views(images:np.ndarray):
+    "Views 1 and 2 of uint8 images (n, 32, 32, 3) by the reference (per item, PIL) and by our preset (the batch): four (n, 3, 32, 32) tensors"
+    set_seed(0)
+    t1, t2 = ref_cifar_views()
+    pils = [Image.fromarray(im) for im in images]
+    ref = [torch.stack([t(p) for p in pils]) for t in (t1, t2)]
+    o1, o2 = ours_cifar_views()
+    x = TensorImage(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    ours = [torch.cat([f(x[i:i + 500]).as_subclass(torch.Tensor) for i in range(0, len(x), 500)]) for f in (o1, o2)]
+    return ref, ours
+
+
+@pytest.fixture(scope='module')
+def dot_views():
+    "Grey images with two dots in one row (A brighter, B 3 px to its right): their views locate the crop and the flip"
+    im = np.full((N_REF, 32, 32, 3), 10, np.uint8)
+    im[:, 16, 12], im[:, 16, 15] = 140, 100  # kept apart by every jitter (x 0.36-1.96, clipped at 255)
+    return both_views(im)
+
+
+def offsets(v:torch.Tensor)->tuple[np.ndarray, np.ndarray]:
+    """(dy, dx) of the crop in pixels for each view, and which views show both dots (Cutout hides one now and then):
+    the dot A moves by the offset, B (3 px away, on the right or after a flip on the left) tells the flip; a rescaled
+    crop would blur A into its neighbours"""
+    g = torch.nn.functional.pad(v.mean(1), (3, 3, 3, 3))  # (n, 38, 38): room for the neighbours of any pixel
+    n, idx = len(g), torch.arange(len(v))
+    a = g.flatten(1).argmax(1)
+    ya, xa = a // 38, a % 38
+    at = lambda dy, dx: g[idx, ya + dy, xa + dx]
+    right, left = at(0, 3), at(0, -3)
+    near = torch.stack([at(0, 1), at(0, -1), at(0, 2), at(0, -2), at(1, 0), at(-1, 0)], 1).amax(1)
+    flip = left > right
+    ok = (at(0, 0) > torch.maximum(right, left)) & (torch.maximum(right, left) > near + 0.05)
+    ya, xa = ya - 3, xa - 3
+    dx = torch.where(flip, 12 - (31 - xa), 12 - xa)
+    return np.stack([(16 - ya).numpy(), dx.numpy()], 1), ok.numpy()
+
+
+def test_cifar_preset_crop_offsets_match_the_reference(dot_views):
+    "Offsets uniform in [-4, 4] px, no rescaling, and the two views cropped independently, as the reference's"
+    ref, ours = dot_views
+    for name, (v1, v2) in (('reference', ref), ('ours', ours)):
+        (o1, ok1), (o2, ok2) = offsets(v1), offsets(v2)
+        assert ok2.all(), f"{name}: view 2 lost a dot or rescaled"  # no Cutout in view 2
+        assert ok1.mean() > 0.6, f"{name}: view 1 lost a dot in too many images"  # Cutout hides one now and then
+        for o, ok in ((o1, ok1), (o2, ok2)):
+            assert o[ok].min() == -4 and o[ok].max() == 4, (name, o[ok].min(), o[ok].max())
+            freq = np.bincount(o[ok][:, 1] + 4, minlength=9) / ok.sum()
+            assert np.abs(freq - 1/9).max() < 0.03, (name, freq)
+        both = ok1 & ok2
+        for k in (0, 1):
+            r = np.corrcoef(o1[both, k], o2[both, k])[0, 1]
+            assert abs(r) < 0.05, f"{name}: views correlated (r={r:.3f})"
+
+
+@pytest.fixture(scope='module')
+def colour_views():
+    "Images of one colour each (three distinct channels): the centre pixel of a view says whether its colour changed"
+    rng = np.random.default_rng(0)
+    col = rng.integers(40, 215, (N_REF, 3))
+    col[:, 1] = (col[:, 0] + 30) % 180 + 40  # channels apart: the colour is not grey
+    col[:, 2] = (col[:, 0] + 90) % 180 + 40
+    im = np.broadcast_to(col[:, None, None, :], (N_REF, 32, 32, 3)).astype(np.uint8).copy()
+    return both_views(im), torch.from_numpy(col).float() / 255
+
+
+def test_cifar_preset_colour_statistics_match_the_reference(colour_views):
+    "About 16 % of view-2 images keep their colour (no jitter: 20 %, no grayscale: 80 %), 20 % turn gray; view 1 is never recoloured"
+    (ref, ours), col = colour_views
+    for name, (v1, v2) in (('reference', ref), ('ours', ours)):
+        c1, c2 = v1[:, :, 16, 16], v2[:, :, 16, 16]
+        assert torch.allclose(c1[(c1 != 0).any(1)], col[(c1 != 0).any(1)], atol=1e-6), name  # view 1: colour kept (or cut out)
+        unchanged = (c2 - col).abs().amax(1) < 1e-6
+        gray = (c2[:, 0] - c2[:, 1]).abs().lt(1e-6) & (c2[:, 1] - c2[:, 2]).abs().lt(1e-6)
+        assert abs(unchanged.float().mean().item() - 0.16) < 0.02, (name, unchanged.float().mean())
+        assert abs(gray.float().mean().item() - 0.2) < 0.02, (name, gray.float().mean())
+
+
+def kept_area(v:torch.Tensor)->np.ndarray:
+    "The fraction of the source kept by a crop of a ramp image (channel 0: x, channel 1: y, from 0 to 1)"
+    w = v[:, 0].flatten(1).amax(1) - v[:, 0].flatten(1).amin(1)
+    h = v[:, 1].flatten(1).amax(1) - v[:, 1].flatten(1).amin(1)
+    return (w * h).numpy()
+
+
+@pytest.mark.parametrize('view,scale', [(1, 0.08), (2, 0.2)])
+def test_imagenet_preset_kept_area_matches_the_reference(view, scale):
+    "Random resized crops of a 64x64 ramp: the kept area lies in [scale, 1] and its mean is the reference's within 0.02"
+    n, src, out = 2000, 64, 56
+    ramp = np.stack([*np.meshgrid(np.linspace(0, 1, src), np.linspace(0, 1, src)), np.zeros((src, src))], -1)
+    set_seed(0)
+    ref_t = T.Compose([T.RandomResizedCrop(out, scale=(scale, 1.)), T.ToTensor()])
+    pil = Image.fromarray((ramp * 255).round().astype(np.uint8))
+    ref = kept_area(torch.stack([ref_t(pil) for _ in range(n)]))
+    v = reference_views('imagenet', size=out)
+    crop = (v.batch_tfms if view == 1 else v.view2_tfms)[0]  # the crop (and flip) alone: colour changes would bend the ramps
+    assert isinstance(crop, RandomResizedCropBatch)
+    x = TensorImage(torch.from_numpy(ramp).float().permute(2, 0, 1)[None].expand(n, 3, src, src).contiguous())
+    ours = kept_area(crop(x, split_idx=0).as_subclass(torch.Tensor))
+    px = 2 / src  # a crop edge falls between pixels
+    assert ours.min() > scale - px and ours.max() <= 1 + 1e-6 and ref.min() > scale - px
+    assert abs(ours.mean() - ref.mean()) < 0.02, (ours.mean(), ref.mean())
+
+
+def test_cifar_preset_view1_pixels_in_normalised_units():
+    "View 1 of the CIFAR preset on white images: the reference's Normalize; Cutout's hole is the normalised black, the padding the normalised grey"
+    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2023, 0.1994, 0.2010])
+    v = reference_views('cifar')
+    set_seed(0)
+    y = tfms_apply(v.batch_tfms, TensorImage(torch.ones(256, 3, 32, 32))).as_subclass(torch.Tensor)
+    black, grey, white = [((val - mean) / std)[:, None] for val in (0., 128 / 255, 1.)]
+    px = y.permute(1, 0, 2, 3).reshape(3, -1)
+    is_ = lambda ref: (px - ref).abs().amax(0) < 1e-5
+    assert (is_(black) | is_(grey) | is_(white)).all()  # nothing else: no blending, no mean-colour hole
+    assert is_(black).any() and is_(grey).any()
+    holes = is_(black).view(256, 32, 32).flatten(1).sum(1)
+    assert holes.max() == 256 and (holes > 0).float().mean() > 0.9  # one square of 16x16 at most, in nearly every image
