@@ -1,17 +1,15 @@
-"""CIFAR-10 / CIFAR-100 with contrastive deep supervision, or a baseline, in the paper's ResNet setting.
+"""CIFAR-10 / CIFAR-100 with contrastive deep supervision, or a baseline, in the reference code's setting.
 
-The paper's setting is the default: ResNet18 with a CIFAR stem, CDS with SupCon heads (weight 0.1, tau 0.07),
-SGD momentum 0.9, weight decay 5e-4, lr 0.1, batch 128, 300 epochs, lr /10 at epochs 90, 180 and 280:
+The reference setting (CIFAR/train.py) is the default: ResNet18 with a CIFAR stem, CDS with SupCon heads (weight 0.1,
+tau 0.07) initialised as the reference's, the reference's two views (`reference_views('cifar')`: view 1 = pad 4 with
+grey + random crop, flip, Cutout 16x16 before normalisation; view 2 = pad 4 + crop, flip, grouped colour jitter p=0.8,
+grayscale 0.2; each an independent crop of the raw image, made per image on the device), the reference's mean and
+std, SGD momentum 0.9, weight decay 5e-4 on every parameter, lr 0.1, batch 128, 300 epochs, lr /10 at epochs 90, 180
+and 280, and the best test accuracy over the epochs reported beside the last:
 
     python recipes/cifar.py --dataset cifar100 --method cds      # paper: 80.84 % top-1 (baseline 77.45 %)
 
-Deviations from the reference code (recipes/README.md lists them all):
-- The model is torchvision's ResNet with the CIFAR stem (`fastai_cds.models.cifar_resnet`), not the reference's class.
-- View 1 is pad 4 + random 32x32 crop, a random flip and Cutout 16x16 (`fastai_cds.views.Cutout`); the crop is an item
-  transform, so both views share it; view 2 adds its own random resized crop (scale 0.2-1), flip, colour jitter and
-  grayscale on top.
-- The step schedule is given as fractions of training (30 %, 60 %, 93.3 %), so shorter runs keep its shape.
-- `--fp16` is bfloat16 autocast where the device supports it, float16 with loss scaling elsewhere; the reference is fp32.
+What still differs from the reference, and the flags that depart further from it: recipes/README.md.
 """
 import argparse, time, warnings
 warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # torch.jit.script, used by fastai at import
@@ -28,14 +26,14 @@ def main(
     dataset:str='cifar100', # cifar10 or cifar100
     path:str=None, # a local copy instead of fastai's download: a folder with train/ and test/, one subfolder per class
     arch:str='resnet18', # a torchvision ResNet-family architecture: resnet18, resnet50, wide_resnet50_2, resnext50_32x4d, ...
-    cifar_stem:Switch=True, # 3x3 stride-1 first conv and no max-pool, as CIFAR ResNets
+    cifar_stem:Switch=True, # 3x3 stride-1 first conv and no max-pool, as the reference's ResNet (--no-cifar-stem: torchvision's)
     method:str='cds', # base (CE only), dsn, dks, dhm (deep-supervision baselines), cds (SupCon heads, the paper's), cds-simclr
     schedule:str='reference', # reference: SGD, lr /10 at epochs 90, 180, 280 of 300 (scaled to --epochs); one-cycle: fastai's fit_one_cycle
     epochs:int=300, # training epochs
     bs:int=128, # batch size (CDS also runs a second view of each image)
     lr:float=0.1, # learning rate (one-cycle: the peak)
     wd:float=5e-4, # weight decay (L2, on every parameter, as torch SGD)
-    cutout:int=16, # side of the Cutout square in pixels (0: no Cutout)
+    cutout:int=16, # side of view 1's Cutout square in pixels (0: no Cutout)
     fp16:bool=False, # mixed precision: bfloat16 where the device supports it, else float16 (fastai's to_fp16)
     channels_last:bool=False, # channels-last memory format (fastai's ChannelsLast callback)
     export:str=None, # where to export the trained model: a plain fastai Learner, `load_learner` needs no fastai_cds
@@ -43,15 +41,15 @@ def main(
     workers:int=None, # DataLoader worker processes (None: fastai's default)
     smoke:bool=False, # tiny run on 16x16 digit images written on the spot (1 epoch, batch 8), export included: checks the whole path
 ):
-    "Train a ResNet on CIFAR-10/100 with CDS or a baseline, print the validation metrics as a table, export the model"
+    "Train a ResNet on CIFAR-10/100 with CDS or a baseline, print the last and best validation metrics as a table, export the model"
     if dataset not in SOURCES: raise CliError(f"--dataset {dataset}: pick cifar10 or cifar100")
-    cbs = method_callbacks(method)
-    if seed is not None: set_seed(seed)
     size = 16 if smoke else 32
+    views = reference_views('cifar', size, cutout=cutout*size//32)
+    cbs = method_callbacks(method, view2_tfms=views.view2_tfms) + [BestMetrics()]
+    if seed is not None: set_seed(seed)
     if smoke: path, epochs, bs, workers, export = smoke_folder(size, 'test'), 1, 8, 0, export or 'smoke.pkl'
     path = dataset_path(*SOURCES[dataset], path, layout='train/ and test/ folders, one subfolder per class')
-    dls = ImageDataLoaders.from_folder(path, valid='test', bs=bs, num_workers=workers, item_tfms=[CropPad(size+8), RandomCrop(size)],
-                                       batch_tfms=[Flip(), Normalize.from_stats(*cifar_stats)] + ([Cutout(cutout)] if cutout else []))
+    dls = ImageDataLoaders.from_folder(path, valid='test', bs=bs, num_workers=workers, item_tfms=views.item_tfms, batch_tfms=views.batch_tfms)
     model = cifar_resnet(arch, dls.c) if cifar_stem else get_arch(arch)(num_classes=dls.c)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.9, decouple_wd=False), wd=wd, wd_bn_bias=True,
                     metrics=accuracy, cbs=cbs)

@@ -10,9 +10,11 @@ and exported as a plain model (no teacher, heads or adapters inside).
 
 Deviations from the paper: scikit-learn's digits at 16x16 and two CNNs (the teacher twice as wide as the quickstart's
 `small_cnn`) instead of ResNets on CIFAR-100/ImageNet; Adam with one-cycle over a few epochs instead of SGD over 300;
-view 2 without flip on digits (they are not mirror-symmetric). Loss settings: `--setting reference` is the reference
-code's CIFAR one (0.1 x un-squared batch distance per head, soft cross-entropy at T=3), `paper` the paper's equations
-(squared distance, KL x T^2), `imagenet` the reference ImageNet one (weights 0.5, T=1).
+view 2 without flip on digits (they are not mirror-symmetric). Loss settings (`reference_distillation`): `--setting cifar`
+is the reference code's CIFAR one (CIFAR/distill.py: 0.1 x un-squared batch distance per head, soft cross-entropy at
+T=3, contrastive 0.1 per head), `imagenet` the reference ImageNet one (distance 0.5 per head, soft cross-entropy
+weight 1 at T=1, contrastive 0.5 per head), `paper` the paper's equations (squared distance, KL x T^2). The teacher runs
+in train mode (BatchNorm on batch statistics) as in both reference scripts; `--teacher-eval` runs it in eval mode.
 
     python recipes/distill.py                      # digits, 10 % of the labels, cds+kd
     python recipes/distill.py --method kd --label-fraction 1
@@ -23,8 +25,6 @@ warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # tor
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-
-PRESETS = {'reference': Distiller, 'paper': Distiller.paper, 'imagenet': Distiller.imagenet}
 
 @call_parse
 def main(
@@ -39,7 +39,8 @@ def main(
     bs:int=32, # batch size
     size:int=16, # image size
     seed:int=0, # fixes the split, the initialisations and the augmentation
-    setting:str='reference', # distillation loss: reference (CIFAR code), paper (eqs. 8-9) or imagenet (reference ImageNet code)
+    setting:str='cifar', # distillation loss: cifar (reference CIFAR code), imagenet (reference ImageNet code) or paper (eqs. 8-9)
+    teacher_eval:bool=False, # the teacher in eval mode (a departure: the reference runs it in train mode)
     features:str='heads', # what cds+kd distils: heads (head embeddings) or stages (pooled raw stage outputs, the ablation)
     teacher_file:str='', # load the teacher from this `learn.save` file (.pth) (same --teacher arch) instead of training it
     save_teacher:str='', # save the trained teacher to this file (`learn.save`), for a later --teacher-file
@@ -50,8 +51,8 @@ def main(
     smoke:bool=False, # a tiny run of the same code path: 1 epoch each on a few digits; exports to a temporary folder unless --export is given
 ):
     "Train (or load) a CDS teacher, then a student by `method`; print both accuracies; export the student"
-    if method not in ('student', 'kd', 'cds', 'cds+kd') or setting not in PRESETS: raise CliError(f"--method {method} --setting {setting}: "
-        "pick --method student, kd, cds or cds+kd and --setting reference, paper or imagenet")
+    if method not in ('student', 'kd', 'cds', 'cds+kd') or setting not in ('cifar', 'imagenet', 'paper'): raise CliError(
+        f"--method {method} --setting {setting}: pick --method student, kd, cds or cds+kd and --setting cifar, imagenet or paper")
     valid_pct = 0.05 if smoke else 0.2
     if smoke:
         epochs, teacher_epochs, bs = 1, 1, 16
@@ -66,10 +67,12 @@ def main(
         t = speedups(new_teacher(), fp16, channels_last)
         t.fit_one_cycle(teacher_epochs, lr)
         if save_teacher: t.save(Path(save_teacher.removesuffix('.pth')).absolute())
-    cbs = {'student': [], 'kd': [KDCallback(t, T=1. if setting == 'imagenet' else 3., kl=setting == 'paper')], 'cds': [CDSCallback(view2_tfms=v2)],
-           'cds+kd': [CDSCallback(view2_tfms=v2, teacher=PRESETS[setting](t, features=features))]}[method]
+    with t.no_bar(): t_acc = float(t.validate()[1])  # before the student: a teacher in train mode moves its BatchNorm statistics
+    weight, distiller = reference_distillation(t, setting, features=features, teacher_bn_train=not teacher_eval)
+    cbs = {'student': [], 'kd': [KDCallback(t, T=distiller.T, kl=distiller.kl, teacher_bn_train=not teacher_eval)],
+           'cds': [CDSCallback(weight, view2_tfms=v2)], 'cds+kd': [CDSCallback(weight, view2_tfms=v2, teacher=distiller)]}[method]
     learn = speedups(arch_learner(student, dls, cbs, pretrained), fp16, channels_last)
     learn.fit_one_cycle(epochs, lr)
-    with t.no_bar(), learn.no_bar(): t_acc, s_acc = float(t.validate()[1]), float(learn.validate()[1])
+    with learn.no_bar(): s_acc = float(learn.validate()[1])
     print(f"{dataset}, {label_fraction:.0%} of the training labels: teacher {teacher} {t_acc*100:.2f}%, student {student} ({method}) {s_acc*100:.2f}%")
     if export: export_and_check(learn, export, 'student')
