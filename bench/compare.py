@@ -17,25 +17,25 @@ import torch
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from paired import SkipValidation, fit, evaluate_calibrated, load_rows, append_row, complete, mean_std, delta_cells
+from paired import VIEWS, digits_views, SkipValidation, fit, evaluate_calibrated, load_rows, append_row, complete, mean_std, delta_cells
 
 METHODS = ['baseline', 'DSN', 'DKS', 'DHM', 'CDS-SupCon', 'CDS-SimCLR']
 
-def make_cbs(method:str)->list:
-    "The deep-supervision callback of `method`, with the library's defaults"
-    v2 = simclr_tfms(n_channels=1, flip=False)
+def make_cbs(method:str, v2:list)->list:
+    "The deep-supervision callback of `method`, with the library's defaults; `v2`: CDS's view 2"
     return {'baseline': [], 'DSN': [DSNCallback(verbose=False)], 'DKS': [DKSCallback(verbose=False)],
             'DHM': [DHMCallback(verbose=False)],
             'CDS-SupCon': [CDSCallback(view2_tfms=v2, verbose=False)],
             'CDS-SimCLR': [CDSCallback(supervised=False, view2_tfms=v2, verbose=False)]}[method]
 
-def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:float, bs:int)->dict:
+def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:float, bs:int, views:str='reference')->dict:
     "Train one model; its accuracy, ECE and time"
     set_seed(seed, reproducible=True)  # fastai's DataLoader draws its shuffling generator when it is made
-    dls = digits_dls(size=size, label_fraction=label_fraction, seed=seed, bs=bs, device='cpu')
+    batch_tfms, v2 = digits_views(views, size)
+    dls = digits_dls(size=size, label_fraction=label_fraction, seed=seed, bs=bs, device='cpu', batch_tfms=batch_tfms)
     set_seed(seed, reproducible=True)
     model = small_cnn()  # same initial weights for every method of this seed
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[SkipValidation(), *make_cbs(method)])
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[SkipValidation(), *make_cbs(method, v2)])
     secs = fit(learn, epochs, lr)
     acc, e = evaluate_calibrated(model, dls.valid)
     return dict(acc=acc, ece=e, secs=secs, n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
@@ -45,7 +45,7 @@ def _job(args:tuple)->tuple[dict, dict]:
     c, threads = args
     warnings.filterwarnings('ignore')
     torch.set_num_threads(threads)
-    return c, run(c['method'], c['seed'], c['label_fraction'], c['epochs'], c['size'], c['lr'], c['bs'])
+    return c, run(c['method'], c['seed'], c['label_fraction'], c['epochs'], c['size'], c['lr'], c['bs'], c['views'])
 
 def table(rows:list[dict], label_fraction:float, seeds:list[int])->str:
     "Markdown table of one label fraction over the seeds that every method finished"
@@ -74,6 +74,7 @@ def main(
     size:int=16, # image size
     lr:float=3e-3, # one-cycle maximum learning rate (Adam)
     bs:int=32, # batch size
+    views:str='reference', # reference: the digits variant of the reference CIFAR views; default: digits_dls' augmentation and simclr_tfms
     methods:str='', # comma-separated subset of the methods (default: all)
     threads:int=1, # torch intra-op threads per run
     workers:int=2, # runs in parallel (processes)
@@ -88,8 +89,8 @@ def main(
     fracs, seed_list = [float(f) for f in fractions.split(',')], list(range(first_seed, first_seed+seeds))
     path = Path(out); path.parent.mkdir(parents=True, exist_ok=True)
     rows = load_rows(path)
-    cfg = lambda lf: dict(label_fraction=lf, epochs=epochs_low if lf < 0.5 else epochs_high, size=size, lr=lr, bs=bs)
-    key = lambda r: (r['method'], r['seed'], r['label_fraction'], r['epochs'], r['size'], r['lr'], r['bs'])
+    cfg = lambda lf: dict(label_fraction=lf, epochs=epochs_low if lf < 0.5 else epochs_high, size=size, lr=lr, bs=bs, views=views)
+    key = lambda r: (r['method'], r['seed'], r['label_fraction'], r['epochs'], r['size'], r['lr'], r['bs'], r.get('views', 'default'))
     have = {key(r) for r in rows}
     todo = [dict(method=m, seed=seed, **cfg(lf)) for seed in seed_list for lf in fracs for m in METHODS]  # seed-major
     todo = [c for c in todo if key(c) not in have]

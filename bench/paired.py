@@ -13,10 +13,26 @@ from fastai.torch_core import set_seed
 from fastai.callback.core import Callback, CancelValidException
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
+from fastai_cds.data import digits_stats
 from fastai_cds.metrics import ece
+from fastai_cds.views import reference_views, simclr_tfms
 
-__all__ = ['reseed', 'SkipValidation', 'fit', 'predict', 'evaluate', 'evaluate_calibrated', 'load_rows', 'append_row',
-           'complete', 't_interval', 'sd', 'mean_std', 'delta_cells']
+__all__ = ['VIEWS', 'digits_views', 'reseed', 'SkipValidation', 'fit', 'predict', 'evaluate', 'evaluate_calibrated', 'load_rows',
+           'append_row', 'complete', 't_interval', 'sd', 'mean_std', 'delta_cells']
+
+# The views of a run
+
+VIEWS = ('reference', 'default')
+
+def digits_views(views:str, size:int)->tuple[list|None, list]:
+    """(batch transforms of the DataLoaders, view-2 transforms of CDS) on the digits. 'reference': the digits variant of the
+    reference CIFAR views (`reference_views('cifar', size, n_channels=1, flip=False)`: pad-and-crop, Cutout, the grouped
+    jitter; no flip, the digits are not mirror images); 'default': `digits_dls`' own augmentation (None) and `simclr_tfms`"""
+    if views == 'reference':
+        v = reference_views('cifar', size, n_channels=1, flip=False, stats=digits_stats())
+        return v.batch_tfms, v.view2_tfms
+    if views == 'default': return None, simclr_tfms(n_channels=1, flip=False)
+    raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
 
 # Running a seed
 

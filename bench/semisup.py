@@ -18,15 +18,15 @@ import torch
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from paired import reseed, SkipValidation, fit, evaluate, load_rows, append_row, complete, mean_std, delta_cells
+from paired import VIEWS, digits_views, reseed, SkipValidation, fit, evaluate, load_rows, append_row, complete, mean_std, delta_cells
 
 METHODS = ['baseline', 'CDS', 'semi-CDS']
 LABELS = {'baseline': 'baseline (labelled part)', 'CDS': 'CDS (labelled part)', 'semi-CDS': 'semi-supervised CDS (+ unlabelled rest)'}
 
-def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:float, bs:int, weight:float)->dict:
+def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:float, bs:int, weight:float, views:str='reference')->dict:
     "Train one model; its accuracy and time"
-    dls, udl = digits_dls(size=size, label_fraction=label_fraction, seed=seed, bs=bs, device='cpu', unlabelled=True)
-    v2 = simclr_tfms(n_channels=1, flip=False)
+    batch_tfms, v2 = digits_views(views, size)
+    dls, udl = digits_dls(size=size, label_fraction=label_fraction, seed=seed, bs=bs, device='cpu', unlabelled=True, batch_tfms=batch_tfms)
     cbs = {'baseline': [], 'CDS': [CDSCallback(weight=weight, view2_tfms=v2, verbose=False)],
            'semi-CDS': [CDSCallback(weight=weight, view2_tfms=v2, unlabelled=udl, verbose=False)]}[method]
     reseed(seed, dls)
@@ -82,6 +82,7 @@ def main(
     lr:float=3e-3, # one-cycle maximum learning rate (Adam)
     bs:int=32, # labelled batch size (the unlabelled one is the same)
     weight:float=0.1, # lambda1 of CDS and semi-supervised CDS
+    views:str='reference', # reference: the digits variant of the reference CIFAR views; default: digits_dls' augmentation and simclr_tfms
     threads:int=1, # torch intra-op threads
     out:str='bench/out/semisup.jsonl', # results, one JSON line per run; runs already there are skipped
     png:str='bench/out/semisup.png', # the plot
@@ -95,8 +96,8 @@ def main(
     path = Path(out); path.parent.mkdir(parents=True, exist_ok=True)
     rows = load_rows(path)
     n_batches = {lf: len(digits_dls(size=size, label_fraction=lf, bs=bs, device='cpu').train) for lf in fracs}  # the same for every seed
-    cfg = lambda lf: dict(label_fraction=lf, epochs=math.ceil(steps/n_batches[lf]), size=size, lr=lr, bs=bs, weight=weight)
-    key = lambda r: tuple(r[k] for k in ('method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs', 'weight'))
+    cfg = lambda lf: dict(label_fraction=lf, epochs=math.ceil(steps/n_batches[lf]), size=size, lr=lr, bs=bs, weight=weight, views=views)
+    key = lambda r: tuple(r.get(k, 'default') for k in ('method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs', 'weight', 'views'))
     have = {key(r) for r in rows}
     start = time.time()
     if not report_only:
@@ -105,7 +106,7 @@ def main(
                 for m in METHODS:
                     c = dict(method=m, seed=seed, **cfg(lf))
                     if key(c) in have: continue
-                    r = {**c, **run(m, seed, lf, c['epochs'], size, lr, bs, weight), 'threads': threads}
+                    r = {**c, **run(m, seed, lf, c['epochs'], size, lr, bs, weight, views), 'threads': threads}
                     rows.append(r); have.add(key(r)); append_row(path, r)
                     print(f"seed {seed} {lf:.0%} {m:<9} acc {r['acc']*100:6.2f}%  {r['secs']:5.1f}s  (total {time.time()-start:6.0f}s)", flush=True)
     sel = [r for r in rows if r['label_fraction'] in n_batches and key(r) == key(dict(method=r['method'], seed=r['seed'], **cfg(r['label_fraction'])))]
