@@ -246,7 +246,7 @@ def _resolve(layers, cands:list[StageInfo], outs:dict, hw:tuple, model)->list[St
         res.append(s)
     return res
 
-# %% ../nbs/01_stages.ipynb #54bca736
+# %% ../nbs/01_stages.ipynb #431e83fe
 def _candidates(model:nn.Module, calls:list, x:Tensor)->list[dict]:
     "Calls of the modules that look like stages: containers in a Sequential/ModuleList, run once, returning a 3-D or 4-D batch"
     mods, seen, res, runs = dict(model.named_modules()), set(), [], {}
@@ -275,7 +275,7 @@ def _chain_or_error(model:nn.Module, calls:list, x:Tensor)->list[dict]:
         after = [c for c in _candidates(model, calls, x) if c['out'].ndim == 3 and c['seq'] > chain[-1]['seq']]
         if not after: return chain
         raise _no_stages_error(after, f"the chain of 4-D feature maps ends at {chain[-1]['name']!r}, and blocks of tokens follow")
-    raise _no_stages_error(_candidates(model, calls, x), "no chain of 4-D feature maps, no timm `feature_info`")
+    raise _no_stages_error(_candidates(model, calls, x), "no chain of 4-D feature maps, no timm `feature_info` module returning maps or tokens")
 
 # %% ../nbs/01_stages.ipynb #9c13a42f
 def _check_timm_body(model:nn.Module):
