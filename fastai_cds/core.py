@@ -87,7 +87,7 @@ class LossTermCallback(Callback):
     def leaving(self, learn:Learner):
         "Undo, on `learn`, what this callback set on it (called when it leaves `learn`)"
 
-# %% ../nbs/06_core.ipynb #c4370f50
+# %% ../nbs/06_core.ipynb #38754abf
 def _rebuild_opt(learn:Learner):
     "Make `learn.opt` again for new parameters, keeping the old one's hyper-parameters, frozen groups and state"
     old = learn.opt
@@ -97,8 +97,8 @@ def _rebuild_opt(learn:Learner):
     for new_h, old_h in zip(learn.opt.hypers, old.hypers): new_h.update(old_h)
     for p, s in old.state.items(): learn.opt.state[p] = s
 
-def attach_heads(learn:Learner, heads:nn.ModuleList, stages:list[str])->DeepSupervisionModel:
-    "Wrap `learn.model` with `heads` on the modules `stages`; route them into the optimizer"
+def attach_heads(learn:Learner, heads:nn.ModuleList, stages:list[str|StageInfo])->DeepSupervisionModel:
+    "Wrap `learn.model` with `heads` on `stages` (`StageInfo`s: their outputs read as maps, or module names); route them into the optimizer"
     ds = DeepSupervisionModel(learn.model, heads, stages)
     learn.model, learn.splitter = ds, partial(split_with_heads, learn.splitter)
     _rebuild_opt(learn)
@@ -109,12 +109,12 @@ def attach_aux(learn:Learner, name:str, module:nn.Module):
     learn.model.aux[name] = module
     _rebuild_opt(learn)
 
-# %% ../nbs/06_core.ipynb #8e851cc4
+# %% ../nbs/06_core.ipynb #1080e628
 class DeepSupervisionCallback(LossTermCallback):
     "Base of the deep-supervision callbacks: stages, heads inside `learn.model` run on training batches, checks, loss terms"
     order, run_valid = -5, False
     def __init__(self,
-        layers:list|None=None, # module names or stage indices to supervise; None: automatic
+        layers:list|None=None, # module names, (name, layout[, prefix tokens]) or stage indices to supervise; None: automatic
         scheme:str='downsampling', # automatic placement: 'downsampling' (paper) or 'uniform'
         max_stages:int=4, # heads placed automatically (the paper: a 5th does not help)
         verbose:bool=True, # print the chosen stages when fit starts
@@ -144,7 +144,7 @@ class DeepSupervisionCallback(LossTermCallback):
         stages, self.final = find_stages(m, x, self.layers, self.scheme, self.max_stages)
         self.stages = self.select_stages(stages, self.final)
         if not self.stages: raise ValueError(f"{type(self).__name__}: no stage to supervise among {stages}: pass `layers=`")
-        self.ds = attach_heads(self.learn, self.make_heads(self.stages, self.final).to(x.device), [s.name for s in self.stages])
+        self.ds = attach_heads(self.learn, self.make_heads(self.stages, self.final).to(x.device), self.stages)
 
     def before_fit(self):
         self.setup()

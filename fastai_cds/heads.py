@@ -32,7 +32,7 @@ def sep_conv_block(ni:int, nf:int, stride:int=2)->nn.Sequential:
         nn.Conv2d(ni, ni, 3, 1, 1, groups=ni, bias=False), nn.Conv2d(ni, nf, 1, bias=False),
         nn.BatchNorm2d(nf), nn.ReLU(inplace=True))
 
-# %% ../nbs/02_heads.ipynb #f811b01b
+# %% ../nbs/02_heads.ipynb #24f9d821
 @contextmanager
 def _frozen_bn_stats(m:nn.Module):
     "BatchNorm layers of `m` run as in training but leave their running statistics and batch count as they were"
@@ -58,9 +58,9 @@ def reference_init(m:nn.Module)->nn.Module:
     return m
 
 def conv_trunk(stage:StageInfo, final:StageInfo, checkpoint:bool=False)->nn.Sequential:
-    "Sep-conv blocks taking `stage`'s map to `final`'s resolution and width (empty when they match)"
+    "Sep-conv blocks taking `stage`'s map to `final`'s resolution and width (none for the final stage itself)"
     n = max(0, round(math.log2(stage.size[0]/final.size[0])))
-    if n == 0: blocks = [] if stage.channels == final.channels else [sep_conv_block(stage.channels, final.channels, 1)]
+    if n == 0: blocks = [] if stage == final else [sep_conv_block(stage.channels, final.channels, 1)]
     else:
         widths = [round(stage.channels * (final.channels/stage.channels)**((k+1)/n)) for k in range(n)]
         blocks = [sep_conv_block(ni, nf) for ni,nf in zip([stage.channels]+widths[:-1], widths)]

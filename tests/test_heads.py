@@ -83,6 +83,16 @@ def test_same_size_other_width_one_stride1_block():
     assert_unit_norm(z)
 
 
+def test_same_shape_as_final_one_stride1_block():
+    "A ViT's blocks all have the final block's shape: each head but the final one's still gets one stride-1 block"
+    block3, block12 = stage(192, 14, 16, "blocks.2"), stage(192, 14, 16, "blocks.11")
+    head = SepConvHead(block3, block12)
+    assert len(head[0]) == 1 and head[0][0][0].stride == (1, 1)
+    assert pointwise_out_channels(head) == [192]
+    assert head(torch.randn(BS, 192, 14, 14)).shape == (BS, 192)
+    assert not convs(SepConvHead(block12, block12))  # the final block's head: pooling and normalisation only
+
+
 def test_mlp_head_output_dim():
     st = stage(64, 16, 2)
     head = MLPHead(st, FINAL, dim=32)

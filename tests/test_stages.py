@@ -170,6 +170,34 @@ def test_custom_nested_cnn(x):
     check_against_forward(model, x, stages)
 
 
+class Permute(nn.Module):
+    def __init__(self, *dims):
+        super().__init__()
+        self.dims = dims
+    def forward(self, x): return x.permute(*self.dims)
+
+
+def test_channels_last_chain_read_by_shape(x):
+    "A hand-written model that goes channels-last: its (B, H, W, C) maps are told by shape and reach the heads as NCHW"
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Permute(0, 2, 3, 1), nn.LayerNorm(8), Permute(0, 3, 1, 2),
+                          nn.Conv2d(8, 16, 3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+    stages, final = find_stages(model, x, scheme="uniform", max_stages=5)
+    assert [(s.name, s.layout, s.channels, s.size) for s in stages] == [
+        ("0", "NCHW", 8, (32, 32)), ("1", "NHWC", 8, (32, 32)), ("2", "NHWC", 8, (32, 32)), ("3", "NCHW", 8, (32, 32)),
+        ("4", "NCHW", 16, (16, 16))]
+    ds = DeepSupervisionModel(model, nn.ModuleList([nn.Identity() for _ in stages]), stages).eval()
+    ds.arm()
+    with torch.no_grad(): ds(x)
+    maps = ds.read().stages
+    with torch.no_grad(): conv = model[0](x)
+    assert torch.equal(maps[1], conv) and maps[1].shape == (2, 8, 32, 32)
+    assert torch.equal(maps[2], maps[3])  # the LayerNorm's channels-last output, permuted: the next module's input
+    # named, with the layout said: the same; said wrongly where the shape cannot be read so: an error naming the fix
+    assert find_stages(model, x, layers=[("1", "NHWC")])[0] == [stages[1]]
+    with pytest.raises(ValueError, match=r"cannot tell how the output of '1' \(2, 32, 32, 8\).*\('1', 'NHWC'\)"):
+        find_stages(model, x, layers=[("1", "tokens")])
+
+
 # ---------------------------------------------------------------- timm
 def timm_model(arch):
     pytest.importorskip("timm")
