@@ -253,7 +253,7 @@ def report(learn:Learner, setting:dict, paper:float|None=None, secs:float|None=N
     if bm is not None and bm.best_at is not None:
         row['best top-1 (%)'] = f'{bm.best*100:.2f} (epoch {bm.best_at+1})'
         if top5 and 'top_k_accuracy' in bm.best_values: row['top-5 then (%)'] = f"{bm.best_values['top_k_accuracy']*100:.2f}"
-    row.update({'ECE (%)': f'{ece(probs, targs)*100:.2f}', 'valid loss': f'{losses.mean().item():.4f}', 'paper top-1 (%)': paper or '-'})
+    row.update({'ECE (%)': f'{ece(probs, targs)*100:.2f}', 'valid loss': f'{losses.mean().item():.4f}', 'paper top-1 (%)': '-' if paper is None else f'{paper:.2f}'})
     if secs is not None: row['train time'] = f'{secs:.1f} s' if secs < 120 else f'{secs/60:.1f} min'
     print_table(row)
 
