@@ -10,6 +10,7 @@ from .cds import *
 from .baselines import *
 from .export import *
 from .precision import *
+from .compile import *
 from .data import *
 from .metrics import *
 from .models import *

@@ -16,8 +16,8 @@ from typing import Callable
 from .stages import StageInfo
 
 # %% auto #0
-__all__ = ['HEADS', 'L2Norm', 'sep_conv_block', 'CheckpointedSequential', 'reference_init', 'conv_trunk', 'SepConvHead',
-           'MLPHead', 'head_factory', 'ProjectionHead', 'AuxClassifier']
+__all__ = ['HEADS', 'L2Norm', 'sep_conv_block', 'ConvTrunk', 'CheckpointedSequential', 'reference_init', 'conv_trunk',
+           'SepConvHead', 'MLPHead', 'head_factory', 'ProjectionHead', 'AuxClassifier']
 
 # %% ../nbs/02_heads.ipynb #e628e027
 class L2Norm(nn.Module):
@@ -32,23 +32,43 @@ def sep_conv_block(ni:int, nf:int, stride:int=2)->nn.Sequential:
         nn.Conv2d(ni, ni, 3, 1, 1, groups=ni, bias=False), nn.Conv2d(ni, nf, 1, bias=False),
         nn.BatchNorm2d(nf), nn.ReLU(inplace=True))
 
-# %% ../nbs/02_heads.ipynb #24f9d821
+# %% ../nbs/02_heads.ipynb #7adf970a
 @contextmanager
-def _frozen_bn_stats(m:nn.Module):
-    "BatchNorm layers of `m` run as in training but leave their running statistics and batch count as they were"
-    bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.track_running_stats]
+def _frozen_bn_stats(*ms:nn.Module):
+    "BatchNorm layers of `ms` run as in training but leave their running statistics and batch count as they were"
+    bns = [b for m in ms for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.track_running_stats]
     saved = [(b.momentum, b.num_batches_tracked.clone()) for b in bns]
     for b in bns: b.momentum = 0.  # running = 1 x running + 0 x batch: unchanged, through the same ops as the forward
     try: yield
     finally:
         for b,(mom,n) in zip(bns, saved): b.momentum = mom; b.num_batches_tracked.copy_(n)
 
-class CheckpointedSequential(nn.Sequential):
-    "An `nn.Sequential` that keeps only its input for the backward pass and recomputes the rest (same parameters and keys)"
+class ConvTrunk(nn.Sequential):
+    "Sep-conv blocks run in channels-last memory; the first `checkpoint` blocks keep only their input for the backward pass"
+    def __init__(self, *blocks:nn.Module,
+        checkpoint:int|bool=1, # blocks recomputed in the backward pass, from the first (True: all)
+        channels_last:bool=True, # run in channels-last memory (faster convolutions on CPUs and GPUs)
+    ):
+        super().__init__(*blocks)
+        self.n_checkpoint, self.channels_last = len(blocks) if checkpoint is True else int(checkpoint), channels_last
+        if channels_last: self.to(memory_format=torch.channels_last)
+    def _first(self, x:Tensor)->Tensor:
+        "The input in the trunk's layout, through the blocks to recompute"
+        if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)
+        for k in range(self.n_checkpoint): x = self[k](x)
+        return x
     def forward(self, x:Tensor)->Tensor:
-        if not (self.training and torch.is_grad_enabled() and len(self)): return super().forward(x)
-        return torch_checkpoint(partial(nn.Sequential.forward, self), x, use_reentrant=False,
-                          context_fn=lambda: (nullcontext(), _frozen_bn_stats(self)))
+        if not len(self): return x
+        if self.n_checkpoint and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            frozen = lambda: (nullcontext(), _frozen_bn_stats(*list(self)[:self.n_checkpoint]))
+            x = torch_checkpoint(self._first, x, use_reentrant=False, context_fn=frozen)
+        else: x = self._first(x)  # compiled: the compiler's partitioner chooses what to recompute
+        for k in range(self.n_checkpoint, len(self)): x = self[k](x)
+        return x
+
+class CheckpointedSequential(ConvTrunk):
+    "A `ConvTrunk` recomputing all its blocks (the name of earlier releases)"
+    def __init__(self, *blocks:nn.Module, channels_last:bool=False): super().__init__(*blocks, checkpoint=True, channels_last=channels_last)
 
 def reference_init(m:nn.Module)->nn.Module:
     "`m` with the reference code's initialisation: every conv `kaiming_normal_(mode='fan_out', nonlinearity='relu')`, BatchNorm weight 1, bias 0"
@@ -57,23 +77,24 @@ def reference_init(m:nn.Module)->nn.Module:
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine: nn.init.ones_(mod.weight); nn.init.zeros_(mod.bias)
     return m
 
-def conv_trunk(stage:StageInfo, final:StageInfo, checkpoint:bool=False)->nn.Sequential:
+def conv_trunk(stage:StageInfo, final:StageInfo, checkpoint:int|bool=1, channels_last:bool=True)->ConvTrunk:
     "Sep-conv blocks taking `stage`'s map to `final`'s resolution and width (none for the final stage itself)"
     n = max(0, round(math.log2(stage.size[0]/final.size[0])))
     if n == 0: blocks = [] if stage == final else [sep_conv_block(stage.channels, final.channels, 1)]
     else:
         widths = [round(stage.channels * (final.channels/stage.channels)**((k+1)/n)) for k in range(n)]
         blocks = [sep_conv_block(ni, nf) for ni,nf in zip([stage.channels]+widths[:-1], widths)]
-    return reference_init((CheckpointedSequential if checkpoint else nn.Sequential)(*blocks))
+    return reference_init(ConvTrunk(*blocks, checkpoint=checkpoint, channels_last=channels_last))
 
-# %% ../nbs/02_heads.ipynb #44dc06d7
+# %% ../nbs/02_heads.ipynb #61295ae4
 class SepConvHead(nn.Sequential):
     "The reference head: sep-conv blocks to the final stage's shape, global average pooling, L2 norm; (bs, c, h, w) -> (bs, final width)"
     def __init__(self,
         stage:StageInfo, # the hooked stage
         final:StageInfo, # the final feature map: its width is the embedding size
-        checkpoint:bool=False, # recompute the trunk in the backward pass instead of keeping its activations
-    ): super().__init__(conv_trunk(stage, final, checkpoint), nn.AdaptiveAvgPool2d(1), Flatten(), L2Norm())
+        checkpoint:int|bool=1, # trunk blocks recomputed in the backward pass instead of keeping their activations (True: all)
+        channels_last:bool=True, # run the trunk in channels-last memory
+    ): super().__init__(conv_trunk(stage, final, checkpoint, channels_last), nn.AdaptiveAvgPool2d(1), Flatten(), L2Norm())
 
 class MLPHead(nn.Sequential):
     "Global average pooling, Linear-ReLU-Linear, L2 norm: (bs, c, h, w) -> (bs, dim)"
@@ -94,8 +115,8 @@ def head_factory(head:str|Callable)->Callable:
     if head not in HEADS: raise ValueError(f"head must be one of {list(HEADS)} or a callable (stage, final) -> nn.Module, got {head!r}")
     return HEADS[head]
 
-# %% ../nbs/02_heads.ipynb #40506c92
-def ProjectionHead(stage:StageInfo, final:StageInfo, kind:str='sepconv', dim:int=128, hidden:int|None=None, checkpoint:bool=False)->nn.Module:
+# %% ../nbs/02_heads.ipynb #dc1f0fb6
+def ProjectionHead(stage:StageInfo, final:StageInfo, kind:str='sepconv', dim:int=128, hidden:int|None=None, checkpoint:int|bool=1)->nn.Module:
     "Deprecated: use `SepConvHead` or `MLPHead`"
     warnings.warn("ProjectionHead is deprecated: use SepConvHead(stage, final) or MLPHead(stage, final, dim)", DeprecationWarning, stacklevel=2)
     if kind == 'mlp': return MLPHead(stage, final, dim, hidden)

@@ -14,7 +14,7 @@ from .stages import StageInfo, to_nchw
 # %% auto #0
 __all__ = ['Taps', 'DeepSupervisionModel', 'split_with_heads']
 
-# %% ../nbs/03_model.ipynb #0ea1dc12
+# %% ../nbs/03_model.ipynb #381ce1dc
 class Taps(NamedTuple):
     "What an armed forward recorded"
     x:Tensor # (B + extra, c, h, w) the whole input the model ran on: the batch, then the extra images
@@ -37,7 +37,7 @@ class DeepSupervisionModel(nn.Module):
 
     def arm(self, *extra:Tensor):
         "Run the heads in the next forward only, on the batch followed by the `extra` images"
-        self._extra = list(extra)
+        self._extra = [e.as_subclass(Tensor) for e in extra]  # plain tensors: fastai's subclasses do not go through torch.compile
     @property
     def armed(self)->bool: return self._extra is not None
     def disarm(self):

@@ -17,7 +17,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 
 from fastai_cds.cds import CDSCallback
-from fastai_cds.heads import CheckpointedSequential, L2Norm, MLPHead, SepConvHead
+from fastai_cds.heads import L2Norm, MLPHead, SepConvHead
 from fastai_cds.stages import StageInfo
 from fastai_cds.views import simclr_tfms
 
@@ -265,7 +265,7 @@ def test_head_factory_callable_gets_each_stage_and_the_final_map():
 
 @pytest.mark.parametrize('kwargs,check', [
     (dict(head='mlp', head_dim=16), lambda h: type(h) is MLPHead and h[4].out_features == 16),
-    (dict(checkpoint_heads=True), lambda h: type(h) is SepConvHead and isinstance(h[0], CheckpointedSequential)),
+    (dict(checkpoint_heads=True), lambda h: type(h) is SepConvHead and h[0].n_checkpoint == len(h[0])),
 ])
 def test_deprecated_head_arguments_warn_and_still_work(kwargs, check):
     with pytest.warns(DeprecationWarning, match='deprecated'):
@@ -283,8 +283,8 @@ def test_checkpoint_heads_trains_exactly_like_the_default():
                                cbs=[CDSCallback(view2_tfms=[], head=head, verbose=False), Spy(after_step=stop)]))
         learners.append(learn)
     a, b = learners
-    assert all(isinstance(h[0], CheckpointedSequential) for h in b.model.heads) and len(b.model.heads[0][0]) > 0
-    assert not any(isinstance(h[0], CheckpointedSequential) for h in a.model.heads)
+    assert all(h[0].n_checkpoint == len(h[0]) for h in b.model.heads) and len(b.model.heads[0][0]) > 0
+    assert all(h[0].n_checkpoint <= 1 for h in a.model.heads)
     assert list(a.model.state_dict()) == list(b.model.state_dict())
     b.model.load_state_dict(a.model.state_dict())
     before = snapshot(a.model)

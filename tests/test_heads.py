@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastai_cds.heads import (HEADS, AuxClassifier, CheckpointedSequential, L2Norm, MLPHead, ProjectionHead, SepConvHead,
+from fastai_cds.heads import (HEADS, AuxClassifier, CheckpointedSequential, ConvTrunk, L2Norm, MLPHead, ProjectionHead, SepConvHead,
                               conv_trunk, head_factory, sep_conv_block)
 from fastai_cds.stages import StageInfo
 
@@ -199,56 +199,83 @@ def test_heads_backprop_to_input():
     assert all(p.grad is not None for p in head.parameters())
 
 
-# ---------------------------------------------------------------- checkpoint=True
-def _trunk_pair():
-    st, fin = StageInfo('layer1', 16, (16, 16), 4), StageInfo('layer4', 64, (2, 2), 32)
+# ---------------------------------------------------------------- ConvTrunk: channels-last, checkpointed blocks
+ST, FIN = StageInfo('layer1', 16, (16, 16), 4), StageInfo('layer4', 64, (2, 2), 32)
+SETTINGS = {'plain (NCHW, nothing recomputed)': dict(checkpoint=0, channels_last=False), 'default (first block recomputed)': dict(),
+            'every block recomputed': dict(checkpoint=True), 'every block, NCHW (CheckpointedSequential)': None}
+
+
+def _trunks():
+    "The trunk in every setting, on the same weights"
     torch.manual_seed(0)
-    a, b = conv_trunk(st, fin), conv_trunk(st, fin, checkpoint=True)
-    assert type(a) is nn.Sequential and isinstance(b, CheckpointedSequential)
-    assert list(a.state_dict()) == list(b.state_dict())  # same keys: files load either way
-    b.load_state_dict(a.state_dict())
-    return a, b
+    ts = {k: conv_trunk(ST, FIN, **kw) if kw is not None else CheckpointedSequential(*conv_trunk(ST, FIN, checkpoint=0))
+          for k, kw in SETTINGS.items()}
+    ref = ts['plain (NCHW, nothing recomputed)']
+    assert [t.n_checkpoint for t in ts.values()] == [0, 1, 3, 3] and [t.channels_last for t in ts.values()] == [False, True, True, False]
+    for t in ts.values():
+        assert list(t.state_dict()) == list(ref.state_dict())  # same keys: files load either way
+        t.load_state_dict(ref.state_dict())
+    return ts
 
 
-def test_checkpointed_trunk_same_output_gradients_and_bn_statistics():
-    a, b = _trunk_pair()
+def test_trunk_settings_same_output_gradients_and_bn_statistics():
+    ts = _trunks()
     x = torch.randn(4, 16, 16, 16)
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    outs = [m(xi) for m, xi in zip((a, b), xs)]
-    torch.testing.assert_close(outs[0], outs[1])
-    for o in outs: o.square().sum().backward()
-    torch.testing.assert_close(xs[0].grad, xs[1].grad)
-    for (k, pa), pb in zip(a.named_parameters(), b.parameters()): torch.testing.assert_close(pa.grad, pb.grad, msg=k)
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(va, vb, msg=k)  # running statistics moved once (the recomputation leaves them)
-    assert int(b[0][2].num_batches_tracked) == 1
+    xs = {k: x.clone().requires_grad_() for k in ts}
+    outs = {k: t(xs[k]) for k, t in ts.items()}
+    ref = 'plain (NCHW, nothing recomputed)'
+    for k, t in ts.items():
+        torch.testing.assert_close(outs[k], outs[ref], msg=k)
+        outs[k].square().sum().backward()
+    for k, t in ts.items():
+        torch.testing.assert_close(xs[k].grad, xs[ref].grad, msg=k)
+        for (n, pa), pb in zip(ts[ref].named_parameters(), t.parameters()):  # up to the order of float sums (another memory layout)
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5*float(pa.grad.abs().max()), msg=f'{k}: {n}')
+        for (n, va), vb in zip(ts[ref].state_dict().items(), t.state_dict().values()):
+            torch.testing.assert_close(vb, va, msg=f'{k}: {n}')  # running statistics moved once (the recomputation leaves them)
+        assert int(t[0][2].num_batches_tracked) == 1
+    assert outs['default (first block recomputed)'].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_checkpointed_trunk_keeps_only_its_input():
-    "What autograd saves for the backward pass during the forward: everything vs the input alone"
-    saved = {}
-    for name, m in zip(('plain', 'checkpointed'), _trunk_pair()):
-        x, n = torch.randn(4, 16, 16, 16, requires_grad=True), []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: (n.append(t.numel() * t.element_size()), t)[1], lambda t: t):
-            m(x).sum().backward()
-        saved[name] = sum(n)
-    assert saved['checkpointed'] == 4 * 16 * 16 * 16 * 4  # the input, once
-    assert saved['plain'] > 4 * saved['checkpointed']
+def _saved_bytes(m, x):
+    "What autograd saves for the backward pass during the forward of `m` on `x`"
+    n = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (n.append(t.numel() * t.element_size()), t)[1], lambda t: t):
+        m(x).sum().backward()
+    return sum(n)
+
+
+def test_checkpointed_blocks_keep_only_their_input():
+    ts = _trunks()
+    x = torch.randn(4, 16, 16, 16, requires_grad=True)
+    saved = {k: _saved_bytes(t, x) for k, t in ts.items()}
+    assert saved['every block recomputed'] == saved['every block, NCHW (CheckpointedSequential)'] == x.numel() * 4  # the input, once
+    plain = ts['plain (NCHW, nothing recomputed)']
+    with torch.no_grad(): y = plain[0](x)  # the first block's output: what the later blocks save, from it on
+    rest = _saved_bytes(nn.Sequential(*list(plain)[1:]), y.requires_grad_())
+    assert saved['default (first block recomputed)'] == x.numel() * 4 + rest
+    assert saved['plain (NCHW, nothing recomputed)'] > 1.5 * saved['default (first block recomputed)']
 
 
 def test_checkpointed_trunk_plain_in_eval_and_no_grad():
-    a, b = _trunk_pair()
+    ts = _trunks()
     x = torch.randn(2, 16, 16, 16)
-    with torch.no_grad(): torch.testing.assert_close(a(x), b(x))  # training mode, no graph: no checkpoint
-    assert int(b[0][2].num_batches_tracked) == 1
-    a.eval(); b.eval()
-    torch.testing.assert_close(a(x), b(x))
+    with torch.no_grad(): outs = {k: t(x) for k, t in ts.items()}  # training mode, no graph: no recomputation
+    for t in ts.values(): t.eval()
+    evals = {k: t(x) for k, t in ts.items()}
+    for k in ts:
+        torch.testing.assert_close(outs[k], outs['plain (NCHW, nothing recomputed)'], msg=k)
+        torch.testing.assert_close(evals[k], evals['plain (NCHW, nothing recomputed)'], msg=k)
+    assert {int(t[0][2].num_batches_tracked) for t in ts.values()} == {1}
 
 
-def test_sepconv_head_checkpoint_option():
-    st, fin = StageInfo('layer1', 16, (16, 16), 4), StageInfo('layer4', 64, (2, 2), 32)
-    assert isinstance(SepConvHead(st, fin, checkpoint=True)[0], CheckpointedSequential)
-    assert type(SepConvHead(st, fin)[0]) is nn.Sequential
+def test_sepconv_head_checkpoint_and_layout_options():
+    assert SepConvHead(ST, FIN, checkpoint=True)[0].n_checkpoint == 3
+    t = SepConvHead(ST, FIN)[0]
+    assert type(t) is ConvTrunk and t.n_checkpoint == 1 and t.channels_last
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in t.parameters() if p.dim() == 4)
+    t = SepConvHead(ST, FIN, checkpoint=0, channels_last=False)[0]
+    assert t.n_checkpoint == 0 and all(p.is_contiguous() for p in t.parameters())
 
 
 def test_head_convs_start_from_the_reference_initialisation():
