@@ -39,6 +39,7 @@ def main(
     export:str=None, # where to export the trained model: a plain fastai Learner, `load_learner` needs no fastai_cds
     seed:int=None, # seed of Python's, NumPy's and torch's random generators (None: not fixed)
     workers:int=None, # DataLoader worker processes (None: fastai's default)
+    in_memory:Switch=True, # decode the images once into one uint8 tensor, make batches by indexing it (--no-in-memory: fastai's per-item loading)
     smoke:bool=False, # tiny run on 16x16 digit images written on the spot (1 epoch, batch 8), export included: checks the whole path
 ):
     "Train a ResNet on CIFAR-10/100 with CDS or a baseline, print the last and best validation metrics as a table, export the model"
@@ -49,7 +50,8 @@ def main(
     if seed is not None: set_seed(seed)
     if smoke: path, epochs, bs, workers, export = smoke_folder(size, 'test'), 1, 8, 0, export or 'smoke.pkl'
     path = dataset_path(*SOURCES[dataset], path, layout='train/ and test/ folders, one subfolder per class')
-    dls = ImageDataLoaders.from_folder(path, valid='test', bs=bs, num_workers=workers, item_tfms=views.item_tfms, batch_tfms=views.batch_tfms)
+    dls = (folder_tensor_dls(path, 'test', bs, views.batch_tfms, num_workers=workers) if in_memory else
+           ImageDataLoaders.from_folder(path, valid='test', bs=bs, num_workers=workers, item_tfms=views.item_tfms, batch_tfms=views.batch_tfms))
     model = cifar_resnet(arch, dls.c) if cifar_stem else get_arch(arch)(num_classes=dls.c)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.9, decouple_wd=False), wd=wd, wd_bn_bias=True,
                     metrics=accuracy, cbs=cbs)

@@ -177,3 +177,43 @@ def test_dls_unlabelled_rest(labels):
     assert x.shape == (8, 1, 8, 8)
     with pytest.raises(ValueError, match="label_fraction"):
         digits_dls(device="cpu", size=8, label_fraction=1., unlabelled=True)
+
+
+# ---------------------------------------------------------------- images in memory
+def test_in_memory_loader_gives_fastai_batches_and_exports_a_file_loader(tmp_path):
+    "folder_tensor_dls vs fastai's ImageDataLoaders.from_folder on the same folder: same vocab, same validation batches; the export loads files"
+    import torch
+    from fastai.vision.all import ImageDataLoaders, Learner, CrossEntropyLossFlat, Normalize, get_image_files, load_learner, imagenet_stats, nn
+    from fastai_cds.data import TensorImageDL, folder_tensor_dls
+    from fastai_cds.training import smoke_folder
+    from fastai_cds.views import reference_views
+    path = smoke_folder(16, 'test', n_train=4, n_valid=3)
+    norm = [Normalize.from_stats(*imagenet_stats)]
+    ours = folder_tensor_dls(path, 'test', bs=8, batch_tfms=norm, num_workers=0)
+    ref = ImageDataLoaders.from_folder(path, valid='test', bs=8, num_workers=0, batch_tfms=norm)
+    assert list(ours.vocab) == list(ref.vocab) and len(ours.train_ds) == len(ref.train_ds) == 40 and len(ours.valid_ds) == 30
+    assert type(ours.train) is TensorImageDL and ours.train.drop_last and ours.train.shuffle
+    for (x, y), (xr, yr) in zip(ours.valid, ref.valid):
+        torch.testing.assert_close(x.as_subclass(torch.Tensor), xr.as_subclass(torch.Tensor)); assert (y == yr).all()
+    # the reference's CIFAR views run on the training batches only (split_idx 0)
+    views = reference_views('cifar', 16)
+    dls = folder_tensor_dls(path, 'test', bs=8, batch_tfms=views.batch_tfms, num_workers=0)
+    xs = [dls.train.one_batch()[0] for _ in range(2)]
+    assert not torch.equal(xs[0], xs[1])  # shuffled, cropped, cut out: per batch
+    learn = Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(3*16*16, 10)), loss_func=CrossEntropyLossFlat())
+    learn.export(tmp_path/'m.pkl')
+    plain = load_learner(tmp_path/'m.pkl')
+    files = get_image_files(path/'test')[:4]  # the in-memory validation set's order
+    x_files = plain.dls.test_dl(files).one_batch()[0]
+    x_mem = next(iter(dls.valid))[0][:4]
+    torch.testing.assert_close(x_files.as_subclass(torch.Tensor), x_mem.as_subclass(torch.Tensor))
+    assert plain.predict(files[0])[0] in dls.vocab
+
+
+def test_tensor_images_bad_input():
+    import torch
+    from fastai_cds.data import TensorImages
+    with pytest.raises(ValueError, match=r"images must be \(n, c, h, w\) uint8 with one label each, got torch.float32"):
+        TensorImages(torch.rand(4, 3, 8, 8), torch.zeros(4), vocab=['a'])
+    with pytest.raises(ValueError, match="and 3 labels"):
+        TensorImages(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(3), vocab=['a'])

@@ -80,7 +80,7 @@ def smoke_args(recipe:Path)->list:
 CIFAR, FINE = ROOT/'recipes/cifar.py', ROOT/'recipes/finegrained.py'
 JOBS = {'finegrained': (FINE, ['--smoke'])} if FINE in RECIPES else {}
 JOBS.update({p.stem: (p, smoke_args(p)) for p in RECIPES})
-FAST = list(JOBS) + ['cifar --fp16 --channels-last --method dsn --schedule one-cycle',  # bf16 autocast on the CPU, a baseline
+FAST = list(JOBS) + ['cifar --fp16 --channels-last --method dsn --schedule one-cycle --no-in-memory',  # bf16 autocast on the CPU, a baseline, fastai's per-item loading
                      'finegrained --no-pretrained --method dhm']  # Table 5 (from scratch)
 SLOW = [f'cifar --method {m}' for m in ('base', 'dks', 'dhm', 'cds-simclr')] + [
     'cifar --no-cifar-stem', 'cifar --cutout 0 --seed 0', 'cifar --arch resnet34 --fp16',
