@@ -15,3 +15,4 @@ from .data import *
 from .metrics import *
 from .models import *
 from .training import *
+from .parallel import *

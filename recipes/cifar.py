@@ -40,13 +40,19 @@ def main(
     seed:int=None, # seed of Python's, NumPy's and torch's random generators (None: not fixed)
     workers:int=None, # DataLoader worker processes (None: fastai's default)
     in_memory:Switch=True, # decode the images once into one uint8 tensor, make batches by indexing it (--no-in-memory: fastai's per-item loading)
+    sync_bn:bool=False, # under N processes on GPUs: BatchNorm statistics over all processes' batches (nn.SyncBatchNorm)
+    cross_rank:bool=False, # under N processes: the contrastive loss contrasts each process's images with every process's (CDS methods)
+    checkpoint:str='checkpoint.pth', # the file of --checkpoint-every and --resume
+    checkpoint_every:int=0, # save the state of training every N epochs and after the last (0: never)
+    resume:bool=False, # continue the run saved in --checkpoint: the epochs done are skipped, the schedule goes on where it stopped
     smoke:bool=False, # tiny run on 16x16 digit images written on the spot (1 epoch, batch 8), export included: checks the whole path
 ):
     "Train a ResNet on CIFAR-10/100 with CDS or a baseline, print the last and best validation metrics as a table, export the model"
     if dataset not in SOURCES: raise CliError(f"--dataset {dataset}: pick cifar10 or cifar100")
     size = 16 if smoke else 32
     views = reference_views('cifar', size, cutout=cutout*size//32)
-    cbs = method_callbacks(method, view2_tfms=views.view2_tfms) + [BestMetrics()]
+    init_distributed()  # launched on N processes (torchrun, accelerate launch): join them, this process's GPU first
+    cbs = method_callbacks(method, view2_tfms=views.view2_tfms, cross_rank=cross_rank) + [BestMetrics()]
     if seed is not None: set_seed(seed)
     if smoke: path, epochs, bs, workers, export = smoke_folder(size, 'test'), 1, 8, 0, export or 'smoke.pkl'
     path = dataset_path(*SOURCES[dataset], path, layout='train/ and test/ folders, one subfolder per class')
@@ -54,11 +60,12 @@ def main(
            ImageDataLoaders.from_folder(path, valid='test', bs=bs, num_workers=workers, item_tfms=views.item_tfms, batch_tfms=views.batch_tfms))
     model = cifar_resnet(arch, dls.c) if cifar_stem else get_arch(arch)(num_classes=dls.c)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.9, decouple_wd=False), wd=wd, wd_bn_bias=True,
-                    metrics=accuracy, cbs=cbs)
+                    metrics=accuracy, cbs=cbs + checkpointing(checkpoint, checkpoint_every, resume))
     speedups(learn, fp16, channels_last)
     start = time.perf_counter()
-    if schedule == 'reference': learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr)}))
-    else: learn.fit_one_cycle(epochs, lr)
-    report(learn, dict(dataset='digits (smoke)' if smoke else dataset, arch=arch + (' (CIFAR stem)' if cifar_stem else ''), method=method,
-                       schedule=schedule, epochs=epochs), None if smoke else paper_top1(dataset, arch, method=method), time.perf_counter() - start)
+    with distributed(learn, sync_bn):
+        if schedule == 'reference': learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr)}))
+        else: learn.fit_one_cycle(epochs, lr)
+        report(learn, dict(dataset='digits (smoke)' if smoke else dataset, arch=arch + (' (CIFAR stem)' if cifar_stem else ''), method=method,
+                           schedule=schedule, epochs=epochs), None if smoke else paper_top1(dataset, arch, method=method), time.perf_counter() - start)
     if export: export_and_check(learn, path/export if smoke and export == 'smoke.pkl' else export)

@@ -48,6 +48,11 @@ def main(
     fp16:bool=False, # mixed precision: bfloat16 where the device supports it (CPU too), else float16 (fastai's to_fp16)
     channels_last:bool=False, # channels-last memory format (fastai's ChannelsLast callback)
     export:str='distill_student.pkl', # where to export the student ('' to skip)
+    sync_bn:bool=False, # under N processes on GPUs: BatchNorm statistics over all processes' batches (nn.SyncBatchNorm)
+    cross_rank:bool=False, # under N processes: the contrastive loss contrasts each process's images with every process's (CDS methods)
+    checkpoint:str='checkpoint.pth', # the file of --checkpoint-every and --resume: FILE.teacher.pth and FILE.student.pth
+    checkpoint_every:int=0, # save the state of training every N epochs and after the last (0: never)
+    resume:bool=False, # continue the run saved in --checkpoint: the epochs done are skipped, the schedule goes on where it stopped
     smoke:bool=False, # a tiny run of the same code path: 1 epoch each on a few digits; exports to a temporary folder unless --export is given
 ):
     "Train (or load) a CDS teacher, then a student by `method`; print both accuracies; export the student"
@@ -58,21 +63,25 @@ def main(
         epochs, teacher_epochs, bs = 1, 1, 16
         if dataset == 'digits': label_fraction = min(label_fraction, 0.05)
         if export == 'distill_student.pkl': export = str(Path(tempfile.mkdtemp())/export)  # the default goes to a temporary folder
+    init_distributed()  # launched on N processes (torchrun, accelerate launch): join them, this process's GPU first
     set_seed(seed, reproducible=True)
     dls, _ = labelled_data(dataset, size, bs, label_fraction, seed, valid_pct)
     v2 = simclr_tfms(n_channels=1, flip=False) if dataset == 'digits' else None  # None: the default view 2
-    new_teacher = lambda: arch_learner(teacher, dls, [CDSCallback(view2_tfms=v2)], pretrained)
+    new_teacher = lambda cbs=(): arch_learner(teacher, dls, [CDSCallback(view2_tfms=v2, cross_rank=cross_rank), *cbs], pretrained)
     if teacher_file: t = load_teacher(new_teacher, str(Path(teacher_file.removesuffix('.pth')).absolute()))
     else:
-        t = speedups(new_teacher(), fp16, channels_last)
-        t.fit_one_cycle(teacher_epochs, lr)
+        t = speedups(new_teacher(checkpointing(checkpoint, checkpoint_every, resume, tag='teacher')), fp16, channels_last)
+        with distributed(t, sync_bn): t.fit_one_cycle(teacher_epochs, lr)
         if save_teacher: t.save(Path(save_teacher.removesuffix('.pth')).absolute())
-    with t.no_bar(): t_acc = float(t.validate()[1])  # before the student: a teacher in train mode moves its BatchNorm statistics
+    with distributed(t), t.no_bar(): t_acc = float(t.validate()[1])  # before the student: a teacher in train mode moves its BatchNorm statistics
     weight, distiller = reference_distillation(t, setting, features=features, teacher_bn_train=not teacher_eval)
     cbs = {'student': [], 'kd': [KDCallback(t, T=distiller.T, kl=distiller.kl, teacher_bn_train=not teacher_eval)],
-           'cds': [CDSCallback(weight, view2_tfms=v2)], 'cds+kd': [CDSCallback(weight, view2_tfms=v2, teacher=distiller)]}[method]
-    learn = speedups(arch_learner(student, dls, cbs, pretrained), fp16, channels_last)
-    learn.fit_one_cycle(epochs, lr)
-    with learn.no_bar(): s_acc = float(learn.validate()[1])
-    print(f"{dataset}, {label_fraction:.0%} of the training labels: teacher {teacher} {t_acc*100:.2f}%, student {student} ({method}) {s_acc*100:.2f}%")
+           'cds': [CDSCallback(weight, view2_tfms=v2, cross_rank=cross_rank)],
+           'cds+kd': [CDSCallback(weight, view2_tfms=v2, cross_rank=cross_rank, teacher=distiller)]}[method]
+    ck = checkpointing(checkpoint, checkpoint_every, resume, tag='student', first=bool(teacher_file))
+    learn = speedups(arch_learner(student, dls, cbs + ck, pretrained), fp16, channels_last)
+    with distributed(learn, sync_bn):
+        learn.fit_one_cycle(epochs, lr)
+        with learn.no_bar(): s_acc = float(learn.validate()[1])
+    rank0_print(f"{dataset}, {label_fraction:.0%} of the training labels: teacher {teacher} {t_acc*100:.2f}%, student {student} ({method}) {s_acc*100:.2f}%")
     if export: export_and_check(learn, export, 'student')

@@ -45,11 +45,17 @@ def main(
     export:str=None, # where to export the trained model: a plain fastai Learner, `load_learner` needs no fastai_cds
     seed:int=None, # seed of Python's, NumPy's and torch's random generators (None: not fixed)
     workers:int=None, # DataLoader worker processes (None: fastai's default)
+    sync_bn:bool=False, # under N processes on GPUs: BatchNorm statistics over all processes' batches (nn.SyncBatchNorm)
+    cross_rank:bool=False, # under N processes: the contrastive loss contrasts each process's images with every process's (CDS methods)
+    checkpoint:str='checkpoint.pth', # the file of --checkpoint-every and --resume
+    checkpoint_every:int=0, # save the state of training every N epochs and after the last (0: never)
+    resume:bool=False, # continue the run saved in --checkpoint: the epochs done are skipped, the schedule goes on where it stopped
     smoke:bool=False, # tiny run on 32x32 digit images written on the spot (1+1 epochs, batch 8, random weights), export included; prints the paper's number
 ):
     "Fine-tune (or train from scratch) a ResNet on a fine-grained dataset with CDS or a baseline, print the metrics, export the model"
     if dataset not in SOURCES: raise CliError(f"--dataset {dataset}: pick one of {', '.join(SOURCES)}")
-    cbs = method_callbacks(method, view2_tfms=simclr_tfms(size=32 if smoke else size))  # view 2 cropped from the presized image
+    init_distributed()  # launched on N processes (torchrun, accelerate launch): join them, this process's GPU first
+    cbs = method_callbacks(method, view2_tfms=simclr_tfms(size=32 if smoke else size), cross_rank=cross_rank)  # view 2 cropped from the presized image
     if seed is not None: set_seed(seed)
     if smoke: path, size, bs, workers, export = smoke_folder(40, 'valid'), 32, 8, 0, export or 'smoke.pkl'
     epochs, lr = epochs or (1 if smoke else 30 if pretrained else 150), lr or (2e-3 if pretrained else 8e-3)
@@ -57,12 +63,13 @@ def main(
     dls = ImageDataLoaders.from_df(split_table(path), path, fn_col='file', label_col='label', valid_col='is_valid', bs=bs, num_workers=workers,
                                    item_tfms=PresizeItems(size*8//7, size), batch_tfms=[*setup_aug_tfms([RandomResizedCropBatch(size, 0.35), *aug_transforms()]),
                                    Normalize.from_stats(*imagenet_stats)])  # every random crop per image on the batch: the views stay independent
-    learn = arch_learner(arch, dls, cbs, pretrained=pretrained and not smoke, scratch_hint='--no-pretrained')  # smoke: no weights offline
+    learn = arch_learner(arch, dls, cbs + checkpointing(checkpoint, checkpoint_every, resume), pretrained=pretrained and not smoke, scratch_hint='--no-pretrained')  # smoke: no weights offline
     speedups(learn, fp16, channels_last)
     start = time.perf_counter()
-    if pretrained: learn.fine_tune(epochs, lr, freeze_epochs=freeze_epochs)
-    else: learn.fit_one_cycle(epochs, lr)
-    report(learn, dict(dataset=f'{dataset} (smoke: digits)' if smoke else dataset, arch=arch, weights='ImageNet' if pretrained and not smoke else 'random',
-                       method=method, training=f'fine_tune {freeze_epochs}+{epochs}' if pretrained else f'one-cycle {epochs}'),
-           paper_top1(dataset, arch, 'pretrained' if pretrained else 'scratch', method=method), time.perf_counter() - start)
+    with distributed(learn, sync_bn):
+        if pretrained: learn.fine_tune(epochs, lr, freeze_epochs=freeze_epochs)
+        else: learn.fit_one_cycle(epochs, lr)
+        report(learn, dict(dataset=f'{dataset} (smoke: digits)' if smoke else dataset, arch=arch, weights='ImageNet' if pretrained and not smoke else 'random',
+                           method=method, training=f'fine_tune {freeze_epochs}+{epochs}' if pretrained else f'one-cycle {epochs}'),
+               paper_top1(dataset, arch, 'pretrained' if pretrained else 'scratch', method=method), time.perf_counter() - start)
     if export: export_and_check(learn, path/export if smoke and export == 'smoke.pkl' else export)

@@ -40,12 +40,18 @@ def main(
     export:str=None, # where to export the trained model: a plain fastai Learner, `load_learner` needs no fastai_cds
     seed:int=None, # seed of Python's, NumPy's and torch's random generators (None: not fixed)
     workers:int=None, # DataLoader worker processes (None: fastai's default)
+    sync_bn:bool=False, # under N processes on GPUs: BatchNorm statistics over all processes' batches (nn.SyncBatchNorm)
+    cross_rank:bool=False, # under N processes: the contrastive loss contrasts each process's images with every process's (CDS methods)
+    checkpoint:str='checkpoint.pth', # the file of --checkpoint-every and --resume
+    checkpoint_every:int=0, # save the state of training every N epochs and after the last (0: never)
+    resume:bool=False, # continue the run saved in --checkpoint: the epochs done are skipped, the schedule goes on where it stopped
     smoke:bool=False, # tiny run on 32x32 digit images written on the spot (1 epoch, batch 8), export included: checks the whole path
 ):
     "Train a ResNet on ImageNet with CDS or a baseline, print the last and best top-1/top-5 as a table, export the model"
     size = 32 if smoke else size
     views = reference_views('imagenet', size)
-    cbs = method_callbacks(method, view2_tfms=views.view2_tfms) + [BestMetrics()]
+    init_distributed()  # launched on N processes (torchrun, accelerate launch): join them, this process's GPU first
+    cbs = method_callbacks(method, view2_tfms=views.view2_tfms, cross_rank=cross_rank) + [BestMetrics()]
     if seed is not None: set_seed(seed)
     if smoke: path, epochs, bs, workers, export = smoke_folder(40, 'val'), 1, 8, 0, export or 'smoke.pkl'
     path = dataset_path('ImageNet', None, path, layout='train/ and val/ folders, one subfolder per class')
@@ -53,10 +59,11 @@ def main(
     model = get_arch(arch)(num_classes=dls.c)
     if reference_stem: model = globals()['reference_stem'](model)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.9, decouple_wd=False), wd=wd, wd_bn_bias=True,
-                    metrics=[accuracy, partial(top_k_accuracy, k=5)], cbs=cbs)
+                    metrics=[accuracy, partial(top_k_accuracy, k=5)], cbs=cbs + checkpointing(checkpoint, checkpoint_every, resume))
     speedups(learn, fp16, channels_last)
     start = time.perf_counter()
-    learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr, (30, 60), 90)}))
-    report(learn, dict(dataset='digits (smoke)' if smoke else 'imagenet', arch=arch + (' (reference stem)' if reference_stem else ''),
-                       method=method, epochs=epochs), None if smoke else paper_top1('imagenet', arch, method=method), time.perf_counter() - start, top5=True)
+    with distributed(learn, sync_bn):
+        learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr, (30, 60), 90)}))
+        report(learn, dict(dataset='digits (smoke)' if smoke else 'imagenet', arch=arch + (' (reference stem)' if reference_stem else ''),
+                           method=method, epochs=epochs), None if smoke else paper_top1('imagenet', arch, method=method), time.perf_counter() - start, top5=True)
     if export: export_and_check(learn, path/export if smoke and export == 'smoke.pkl' else export)

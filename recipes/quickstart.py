@@ -19,16 +19,22 @@ def main(
     bs:int=32, # batch size
     size:int=16, # image size (the digits are 8x8)
     export:str='quickstart_cds.pkl', # where to export the CDS model ('' to skip)
+    checkpoint:str='checkpoint.pth', # the file of --checkpoint-every and --resume: FILE.base.pth and FILE.cds.pth
+    checkpoint_every:int=0, # save the state of training every N epochs and after the last (0: never)
+    resume:bool=False, # continue the run saved in --checkpoint: the epochs done are skipped, the schedule goes on where it stopped
 ):
     "Train a small CNN on digits with and without CDS, print a table, export the CDS model"
-    print(f"digits, {label_fraction:.0%} of the training labels, {epochs} epochs, seed {seed}\n{'method':<10}{'accuracy':>10}{'time (s)':>10}")
+    init_distributed()  # launched on N processes (torchrun, accelerate launch): join them, this process's GPU first
+    rank0_print(f"digits, {label_fraction:.0%} of the training labels, {epochs} epochs, seed {seed}\n{'method':<10}{'accuracy':>10}{'time (s)':>10}")
     for method in ('base', 'cds'):
         set_seed(seed, reproducible=True)
         dls = digits_dls(size=size, label_fraction=label_fraction, seed=seed, bs=bs)
         learn = Learner(dls, small_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
-                        cbs=method_callbacks(method, view2_tfms=simclr_tfms(n_channels=1, flip=False), verbose=False))
+                        cbs=method_callbacks(method, view2_tfms=simclr_tfms(n_channels=1, flip=False), verbose=False)
+                            + checkpointing(checkpoint, checkpoint_every, resume, tag=method, first=method == 'base'))
         start = time.time()
-        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-        with learn.no_bar(): acc = float(learn.validate()[1])
-        print(f"{'CDS' if method == 'cds' else 'baseline':<10}{acc*100:>9.2f}%{time.time()-start:>10.1f}")
+        with distributed(learn), learn.no_bar():
+            with learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+            acc = float(learn.validate()[1])
+        rank0_print(f"{'CDS' if method == 'cds' else 'baseline':<10}{acc*100:>9.2f}%{time.time()-start:>10.1f}")
     if export: export_and_check(learn, export, 'CDS model')

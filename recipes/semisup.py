@@ -37,6 +37,11 @@ def main(
     fp16:bool=False, # mixed precision: bfloat16 where the device supports it (CPU too), else float16 (fastai's to_fp16)
     channels_last:bool=False, # channels-last memory format (fastai's ChannelsLast callback)
     export:str='semisup.pkl', # where to export the model ('' to skip)
+    sync_bn:bool=False, # under N processes on GPUs: BatchNorm statistics over all processes' batches (nn.SyncBatchNorm)
+    cross_rank:bool=False, # under N processes: the contrastive loss contrasts each process's images with every process's (CDS methods)
+    checkpoint:str='checkpoint.pth', # the file of --checkpoint-every and --resume
+    checkpoint_every:int=0, # save the state of training every N epochs and after the last (0: never)
+    resume:bool=False, # continue the run saved in --checkpoint: the epochs done are skipped, the schedule goes on where it stopped
     smoke:bool=False, # a tiny run of the same code path: 1 epoch on a few digits; exports to a temporary folder unless --export is given
 ):
     "Train on a labelled fraction (and the unlabelled rest) by `method`; print the accuracy; export the model"
@@ -46,14 +51,16 @@ def main(
         epochs, bs = 1, 16
         if dataset == 'digits': label_fraction = min(label_fraction, 0.05)
         if export == 'semisup.pkl': export = str(Path(tempfile.mkdtemp())/export)  # the default goes to a temporary folder
+    init_distributed()  # launched on N processes (torchrun, accelerate launch): join them, this process's GPU first
     set_seed(seed, reproducible=True)
     dls, udl = labelled_data(dataset, size, bs, label_fraction, seed, valid_pct, max(1, round(unlabelled_ratio*bs)))
     v2 = simclr_tfms(n_channels=1, flip=False) if dataset == 'digits' else None  # None: the default view 2
-    cbs = [] if method == 'base' else [CDSCallback(weight=weight, view2_tfms=v2, unlabelled=udl if method == 'semi' else None)]
-    learn = arch_learner(arch, dls, cbs, pretrained)
+    cbs = [] if method == 'base' else [CDSCallback(weight=weight, view2_tfms=v2, cross_rank=cross_rank, unlabelled=udl if method == 'semi' else None)]
+    learn = arch_learner(arch, dls, cbs + [BestMetrics()] + checkpointing(checkpoint, checkpoint_every, resume), pretrained)
     speedups(learn, fp16, channels_last)
-    learn.fit_one_cycle(epochs, lr)
-    with learn.no_bar(): acc = float(learn.validate()[1])
-    print(f"{dataset}, {label_fraction:.0%} of the training labels ({len(dls.train_ds)} labelled, {len(udl.dataset) if udl else 0} unlabelled "
-          f"images{'' if method == 'semi' else ', not used'}): {arch} ({method}) {acc*100:.2f}%")
+    with distributed(learn, sync_bn):
+        learn.fit_one_cycle(epochs, lr)
+        with learn.no_bar(): acc = float(learn.validate()[1])
+    rank0_print(f"{dataset}, {label_fraction:.0%} of the training labels ({len(dls.train_ds)} labelled, {len(udl.dataset) if udl else 0} unlabelled "
+          f"images{'' if method == 'semi' else ', not used'}): {arch} ({method}) {acc*100:.2f}%, best {learn.best_metrics.best*100:.2f}% (epoch {learn.best_metrics.best_at+1})")
     if export: export_and_check(learn, export)

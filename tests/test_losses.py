@@ -217,8 +217,18 @@ def re_tuple(shape):
 
 
 def test_too_few_images():
-    with pytest.raises(ValueError, match=r"at least 2 images.*got 1"):
-        SupConLoss()(F.normalize(torch.randn(2, 8), dim=1))
+    with pytest.raises(ValueError, match=r"at least 1 image.*got 0"):
+        SupConLoss()(F.normalize(torch.randn(0, 8), dim=1))
+
+
+@pytest.mark.parametrize("labels", [None, torch.tensor([3])])
+def test_one_image_is_zero_with_a_gradient(labels):
+    "One image: its other view is its only other row and a positive (log-prob 0); the graph reaches the embeddings (DDP)"
+    z = torch.randn(2, 8, requires_grad=True)
+    loss = SupConLoss()(F.normalize(z, dim=1), labels)
+    assert loss.item() == 0.
+    loss.backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
 
 
 @pytest.mark.parametrize("labels", [[0, 1, 0], [0, 1, 0, 1, 2, 3, 4, 5], [0]])
