@@ -431,9 +431,10 @@ def test_export_backbone_loads_into_torchvision_classification_and_detection_mod
 def test_export_backbone_fits_fasterrcnn_resnet50_fpn_as_the_readme_says(tmp_path):
     from torchvision.models import resnet50
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     learn = _vision(resnet50, _rgb_dls(), tmp_path)
     sd = torch.load(export_backbone(learn, "r50.pth"), weights_only=True)
-    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64)  # small: a fast forward
     res = model.backbone.body.load_state_dict(sd)
     assert res.missing_keys == [] and res.unexpected_keys == []
     body = learn.model.model[0].state_dict()
@@ -441,6 +442,13 @@ def test_export_backbone_fits_fasterrcnn_resnet50_fpn_as_the_readme_says(tmp_pat
         top, rest = k.split(".", 1)
         idx = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"].index(top)
         assert torch.equal(v, body[f"{idx}.{rest}"]), k
+    with torch.no_grad(): out = model.eval()([torch.rand(3, 64, 64)])
+    assert sorted(out[0]) == ["boxes", "labels", "scores"] and out[0]["boxes"].shape[1:] == (4,)
+    # the README's other start: torchvision's frozen-BN backbone with the first stages frozen
+    frozen = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=3)
+    res = frozen.body.load_state_dict(sd)
+    assert res.missing_keys == [] and res.unexpected_keys == []
+    assert [n for n, p in frozen.body.named_parameters() if p.requires_grad][0].startswith("layer2.")
 
 
 def test_export_backbone_timm(tmp_path):
