@@ -103,3 +103,6 @@ class CDSCallback(DeepSupervisionCallback):
         order, labels = _pair_order([len(i) for i in self.ids], self.x.device), torch.cat(self.ids)
         contra = [self.contrastive(z[order], labels if self.supervised else None) for z in self.taps.heads]
         set_loss(self, self.loss_grad + self.weight*torch.stack(contra).sum(), {'ce': self.loss_grad, **{f'contra_{i}': c for i,c in enumerate(contra)}})
+    def after_batch(self):
+        super().after_batch()
+        self.pairs = self.ids = None  # nothing of this batch outlives it

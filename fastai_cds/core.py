@@ -68,7 +68,7 @@ def add_loss_terms(learn:Learner)->LossTerms:
 def set_loss(cb:Callback, loss:Tensor, terms:dict[str,Tensor]):
     "In `after_loss`: make `loss` the learner's (to backpropagate and to log) and `terms` what `LossTerms` records for `cb`"
     cb.learn.loss_grad, cb.learn.loss = loss, loss.detach().clone()
-    cb.terms = {k: v.detach() for k,v in terms.items()}
+    cb.terms = {k: v.as_subclass(Tensor).detach() for k,v in terms.items()}  # plain tensors: a subclass's `detach` is a view keeping another tensor alive
 
 class LossTermCallback(Callback):
     "Base of the callbacks that add terms to the loss: joining a Learner, it brings `LossTerms` and its `companions`"

@@ -40,13 +40,16 @@ class Teacher:
 # %% ../nbs/08_distill.ipynb #33faa02e
 def load_teacher(learner_fn, # builds the teacher's Learner with `CDSCallback`, e.g. `lambda: vision_learner(dls, resnet50, cbs=CDSCallback())`
                  fname:str, # the teacher's `learn.save` name
-                 **kwargs, # passed to `Learner.load`
+                 **kwargs, # passed to fastai's `Learner.load`
                 )->Learner:
     "A CDS teacher trained in another process: rebuild its Learner (heads included) and load its `learn.save` file"
     learn = learner_fn()
     if not isinstance(learn.model, DeepSupervisionModel):
         raise ValueError("load_teacher: the Learner has no CDS heads: build it with cbs=CDSCallback(...) as the teacher was trained")
-    return learn.load(fname, **kwargs)
+    try: return learn._fastai_load(fname, **kwargs)  # fastai's exact load: `learn.load` would accept a file without heads
+    except RuntimeError as e:
+        raise ValueError(f"load_teacher: {fname!r} does not hold this teacher's model and trained heads (the teacher's `learn.save` "
+                         "file does; fastai's error above says what differs)") from e
 
 # %% ../nbs/08_distill.ipynb #1ea42739
 def _pool(f:Tensor)->Tensor: return F.adaptive_avg_pool2d(f, 1).flatten(1)

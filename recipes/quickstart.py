@@ -5,7 +5,7 @@ CIFAR/ImageNet, Adam with one-cycle instead of SGD over 300 epochs, and a milder
 symmetric). One seed is a noisy comparison; `bench/compare.py` pairs many.
 """
 import time, warnings
-warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # torch.jit.script, used by fastai at import
+warnings.filterwarnings('ignore', category=FutureWarning, module='torch.jit._script')  # torch.jit.script is deprecated: fastai uses it at import
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *

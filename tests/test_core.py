@@ -17,6 +17,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.vision.learner import vision_learner
 
+from fastai_cds.baselines import DSNCallback
 from fastai_cds.cds import CDSCallback
 from fastai_cds.core import LossTermCallback, LossTerms, add_loss_terms, set_loss
 from fastai_cds.model import DeepSupervisionModel
@@ -217,6 +218,79 @@ def test_joining_after_the_optimizer_exists_keeps_hyper_parameters_frozen_groups
     assert head_ps and {id(p) for p in head_ps} <= set(seen['last'])
     for p, p0 in zip(frozen, frozen0): assert torch.equal(p.detach(), p0)  # frozen: no step
     assert any(learn.opt.state[p].get('grad_avg') is not None for p in head_ps)  # the heads stepped
+
+
+# the hyper-parameters a user gives to fastai's entry points are the ones the optimizer steps with, whether the callback
+# came with the Learner, with the call (`cbs=`) or by `add_cb`: when it joins at fit time the heads (and the adapters of
+# distillation) are attached in `before_fit`, after fastai set the hyper-parameters of an optimizer made without them
+def _two_groups(m):
+    return [list(m[:2].parameters()), list(m[2:].parameters())]
+
+
+def _cos(start, end, pos):
+    "fastai's cosine annealing from `start` to `end`, written out"
+    return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
+
+
+def _one_cycle(lr_max, pct, pct_start=0.25, div=25., div_final=1e5):
+    "The one-cycle learning rate at `pct` of training: warm up from lr_max/div, then anneal to lr_max/div_final"
+    if pct < pct_start: return _cos(lr_max / div, lr_max, pct / pct_start)
+    return _cos(lr_max, lr_max / div_final, (pct - pct_start) / (1 - pct_start))
+
+
+def _expected_steps(entry, n_iter, lr, wd):
+    "Per optimizer step of every fit the call runs: [(lr, wd) of group 0, (lr, wd) of group 1]"
+    if entry == 'fit': return [[(lr, wd), (lr, wd)]] * n_iter
+    if entry == 'fit_one_cycle': return [[(_one_cycle(lr, i / n_iter), wd)] * 2 for i in range(n_iter)]
+    # fine_tune(1, lr, freeze_epochs=1): one cycle on slice(lr) (groups lr/10, lr) with pct_start 0.99, then one on
+    # slice(lr/2/100, lr/2) with pct_start 0.3 and div 5
+    frozen = [[(_one_cycle(g, i / n_iter, pct_start=0.99), wd) for g in (lr / 10, lr)] for i in range(n_iter)]
+    return frozen + [[(_one_cycle(g, i / n_iter, pct_start=0.3, div=5.), wd) for g in (lr / 200, lr / 2)] for i in range(n_iter)]
+
+
+class StepWatch(Callback):
+    "Before every optimizer step: the (lr, wd) of each parameter group, and whether every trainable parameter is in the optimizer"
+    order = 100
+    def __init__(self): self.steps, self.covered = [], []
+    def before_step(self):
+        opt = self.learn.opt
+        self.steps.append([(h['lr'], h['wd']) for h in opt.hypers])
+        in_opt = {id(p) for p in opt.all_params(with_grad=False).itemgot(0)}
+        self.covered.append(all(id(p) in in_opt for p in self.learn.model.parameters() if p.requires_grad))
+
+
+@pytest.fixture(scope='module')
+def teacher():
+    return tiny_learner(small_dls(n_train=16, n_valid=8))
+
+
+CALLBACKS = {'cds': lambda t: CDSCallback(verbose=False), 'cds_teacher': lambda t: CDSCallback(verbose=False, teacher=t),
+             'dsn': lambda t: DSNCallback(verbose=False)}
+
+
+@pytest.mark.parametrize('cb', list(CALLBACKS))
+@pytest.mark.parametrize('joins', ['construction', 'cbs', 'add_cb'])
+@pytest.mark.parametrize('entry', ['fit', 'fit_one_cycle', 'fine_tune'])
+def test_hyper_parameters_given_to_fit_are_the_ones_the_optimizer_uses(entry, joins, cb, teacher):
+    dls = small_dls(n_train=16, n_valid=8)  # 2 batches per epoch
+    callback = CALLBACKS[cb](teacher)
+    learn = no_bar(Learner(dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(), splitter=_two_groups,
+                           cbs=callback if joins == 'construction' else None))
+    if joins == 'add_cb': learn.add_cb(callback)
+    watch = StepWatch()
+    lr, wd = 0.05, 0.3
+    cbs = [watch, callback] if joins == 'cbs' else [watch]
+    if entry == 'fit': learn.fit(1, lr=lr, wd=wd, cbs=cbs)
+    elif entry == 'fit_one_cycle': learn.fit_one_cycle(1, lr_max=lr, wd=wd, cbs=cbs)
+    else: learn.fine_tune(1, base_lr=lr, freeze_epochs=1, wd=wd, cbs=cbs)
+    assert isinstance(learn.model, DeepSupervisionModel) and len(learn.model.heads)  # the heads trained ...
+    if cb == 'cds_teacher': assert len(learn.model.aux['distill'])  # ... and the adapters
+    expected = _expected_steps(entry, len(dls.train), lr, wd)
+    assert len(watch.steps) == len(expected)
+    for got, exp in zip(watch.steps, expected):
+        assert [w for _, w in got] == [w for _, w in exp]
+        assert [l for l, _ in got] == pytest.approx([l for l, _ in exp], rel=1e-6)
+    assert all(watch.covered)
 
 
 # ---------------------------------------------------------------- 4. save / load

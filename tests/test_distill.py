@@ -486,6 +486,17 @@ def test_teacher_without_heads_is_rejected():
     KDCallback(plain)  # logit distillation needs no heads
 
 
+def test_load_teacher_rejects_a_file_without_heads(tmp_path):
+    "`learn.load` starts a CDS learner from a plain file (fresh heads); a teacher's heads must come from its file"
+    plain = no_bar(Learner(make_dls(), tiny_cnn(widths=T_WIDTHS), loss_func=CrossEntropyLossFlat(), path=tmp_path))
+    plain.save('plain')
+    make = lambda: no_bar(Learner(make_dls(), tiny_cnn(widths=T_WIDTHS), loss_func=CrossEntropyLossFlat(), path=tmp_path,
+                                  cbs=CDSCallback(verbose=False)))
+    with pytest.raises(ValueError, match=r"load_teacher: 'plain' does not hold this teacher's model and trained heads") as e:
+        load_teacher(make, 'plain')
+    assert 'Missing key(s) in state_dict: "model.0.0.weight"' in str(e.value.__cause__) and '"heads.0.' in str(e.value.__cause__)
+
+
 @pytest.mark.parametrize('make,match', [
     (lambda t: Distiller(t, features='pixels'), "features must be 'heads' or 'stages'"),
     (lambda t: Distiller(t, emb_weight=-1), 'weights must be >= 0'),

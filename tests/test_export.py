@@ -13,6 +13,7 @@ import torch.nn as nn
 import fastai.callback.fp16  # noqa: F401  (patches Learner.to_fp16)
 from fastai.callback.mixup import MixUp
 from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.vision.learner import create_vision_model, vision_learner
@@ -21,11 +22,11 @@ from torchvision.models import resnet18
 from fastai_cds.cds import CDSCallback
 from fastai_cds.core import LossTerms
 from fastai_cds.data import digits_dls, digits_items, digits_splits
-from fastai_cds.export import _is_ours, plain_learner  # importing it patches Learner.export
+from fastai_cds.export import _is_ours, backbone_state, export_backbone, plain_learner  # importing it patches Learner.export/load
 from fastai_cds.metrics import ExpectedCalibrationError
 from fastai_cds.model import DeepSupervisionModel, split_with_heads
 
-from helpers import BLOCKED, hooked_modules, no_bar, run_children, ours, tiny_cnn
+from helpers import BLOCKED, Spy, hooked_modules, no_bar, ours, run_children, small_dls, snapshot, stop, tiny_cnn, tiny_learner
 
 KINDS = ["cnn", "resnet18", "fp16", "mixup"]
 
@@ -86,17 +87,18 @@ def exported(tmp_path_factory):
 
     Returns the in-memory learners (and what they predicted right after training), the export files and what the
     fresh process found."""
-    d = tmp_path_factory.mktemp("export")
+    d = tmp_path_factory.mktemp("export") / "fastai_cds"  # the learners' path, pickled into the exports: a clone's folder name
+    d.mkdir()
     dls1 = digits_dls(device="cpu", size=16, label_fraction=0.1, valid_pct=0.05, bs=16)
     dls3 = digits_dls(device="cpu", size=32, n_channels=3, label_fraction=0.05, valid_pct=0.05, bs=16)
     learners = {}
     set_seed(0)
-    learners["cnn"] = Learner(dls1, tiny_cnn(), cbs=cds())
+    learners["cnn"] = Learner(dls1, tiny_cnn(), cbs=cds(), path=d)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        learners["resnet18"] = vision_learner(dls3, resnet18, pretrained=False, cbs=cds())
-    learners["fp16"] = Learner(dls1, tiny_cnn(), cbs=cds()).to_fp16()
-    learners["mixup"] = Learner(dls1, tiny_cnn(), cbs=[cds(), MixUp()])
+        learners["resnet18"] = vision_learner(dls3, resnet18, pretrained=False, cbs=cds(), path=d)
+    learners["fp16"] = Learner(dls1, tiny_cnn(), cbs=cds(), path=d).to_fp16()
+    learners["mixup"] = Learner(dls1, tiny_cnn(), cbs=[cds(), MixUp()], path=d)
 
     items = {1: digits_items(1)[0], 3: digits_items(3)[0]}
     valid = digits_splits(digits_items()[1], 0.05, 1., 0)[2][:10]
@@ -111,7 +113,8 @@ def exported(tmp_path_factory):
         plain.eval()
         with torch.no_grad():
             pred = plain(x)
-        with learn.no_bar():
+        with learn.no_bar(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="fastai.callback.fp16")  # fp16 on a CPU: disabled, with a warning
             preds = learn.get_preds(dl=dls.test_dl(its))[0]
         inputs[kind] = {"x": x, "items": its}
         expected[kind] = {"pred": pred, "preds": preds}
@@ -155,6 +158,8 @@ def test_exported_learner_is_plain(exported, kind):
     if kind == "mixup":
         assert "fastai.callback.mixup.MixUp" in res["cbs"]
     assert ours(exported["dir"] / f"{kind}.pkl") == []
+    with zipfile.ZipFile(exported["dir"] / f"{kind}.pkl") as z:  # the learner's path, a folder named fastai_cds, is in it: not an import
+        assert any(b"fastai_cds" in z.read(n) for n in z.namelist())
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -279,3 +284,207 @@ def test_the_pickle_check_sees_references_and_ignores_paths(tmp_path):
     learn.export(root / 'e.pkl')
     with zipfile.ZipFile(root / 'e.pkl') as z: assert any(b'fastai_cds' in z.read(n) for n in z.namelist())  # the path is in it
     assert ours(root / 'e.pkl') == []
+
+
+# ---------------------------------------------------------------- learn.load across learners with and without heads
+def _one_step(learn):
+    "One training step: weights, BatchNorm buffers and the optimizer state move away from a fresh start"
+    learn.fit(1, 1e-2, cbs=Spy(100, after_batch=stop))
+    return learn
+
+
+def _file_state(f):
+    "The model's state in a `learn.save` file (saved with or without the optimizer's)"
+    state = torch.load(f, map_location="cpu", weights_only=False)
+    return state["model"] if set(state) == {"model", "opt"} else state
+
+
+def test_a_plain_checkpoint_loads_into_a_cds_learner_and_says_so(tmp_path, capsys):
+    dls = small_dls()
+    f = _one_step(no_bar(Learner(dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(), path=tmp_path))).save("plain")
+    saved = _file_state(f)
+    learn = _one_step(tiny_learner(dls, path=tmp_path))  # trained a step: its own weights and optimizer state
+    heads = snapshot(learn.model.heads)
+    capsys.readouterr()
+    learn.load("plain")
+    out = capsys.readouterr().out
+    backbone = learn.model.model.state_dict()
+    assert backbone.keys() == saved.keys()
+    for k, v in saved.items(): assert torch.equal(backbone[k], v), k
+    for k, v in learn.model.heads.state_dict().items(): assert torch.equal(v, heads[k]), k  # the heads are as they were
+    assert out.splitlines() == [
+        f"load plain.pth: saved without heads: loaded the backbone ({len(saved)} tensors), the heads keep their initial weights",
+        "load plain.pth: its optimizer state, for a model without heads, is not loaded: the optimizer starts afresh"]
+    assert not any("grad_avg" in learn.opt.state[p] for p in learn.model.parameters())  # afresh: no Adam moments of the old weights
+    _one_step(learn)  # and it trains, heads included
+    assert any("grad_avg" in learn.opt.state[p] for p in learn.model.heads.parameters())
+
+
+def test_a_cds_checkpoint_loads_into_a_plain_learner_and_says_so(tmp_path, capsys):
+    "A checkpoint with heads and distillation's adapters, loaded by a plain learner (deployment): the backbone only"
+    dls = small_dls()
+    teacher = tiny_learner(dls)
+    learn = _one_step(no_bar(Learner(dls, tiny_cnn(widths=(8, 16, 24)), loss_func=CrossEntropyLossFlat(), path=tmp_path,
+                                     cbs=CDSCallback(verbose=False, teacher=teacher))))
+    saved = _file_state(learn.save("cds"))
+    n_heads, n_aux = len(learn.model.heads.state_dict()), len(learn.model.aux.state_dict())
+    assert n_heads and n_aux and len(saved) == n_heads + n_aux + len(learn.model.model.state_dict())
+    plain = no_bar(Learner(dls, tiny_cnn(widths=(8, 16, 24)), loss_func=CrossEntropyLossFlat(), path=tmp_path))
+    capsys.readouterr()
+    plain.load("cds")
+    out = capsys.readouterr().out
+    sd = plain.model.state_dict()
+    assert {f"model.{k}" for k in sd} == {k for k in saved if k.startswith("model.")}
+    for k, v in sd.items(): assert torch.equal(v, saved[f"model.{k}"]), k
+    n = len(sd)
+    assert out.splitlines() == [
+        f"load cds.pth: saved with heads: loaded the backbone ({n} tensors), ignored {n_heads} head tensors, {n_aux} tensors of distill",
+        "load cds.pth: its optimizer state, for a model with heads, is not loaded: the optimizer starts afresh"]
+    # the plain learner predicts as the CDS learner's plain model
+    x = dls.valid.one_batch()[0]
+    plain.model.eval(); learn.model.eval()
+    with torch.no_grad(): torch.testing.assert_close(plain.model(x), learn.model.model(x), rtol=0, atol=0)
+
+
+def test_same_kind_loads_say_nothing_and_another_architecture_still_fails(tmp_path, capsys):
+    dls = small_dls()
+    learn = tiny_learner(dls, path=tmp_path)
+    learn.save("same")
+    plain = no_bar(Learner(dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(), path=tmp_path))
+    plain.save("plain")
+    capsys.readouterr()
+    tiny_learner(dls, path=tmp_path).load("same", with_opt=False)  # (saved before any fit: no optimizer state)
+    no_bar(Learner(dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(), path=tmp_path)).load("plain", with_opt=False)
+    assert capsys.readouterr().out == ""
+    # other widths: fastai's size mismatch, in both kinds of learner
+    other = lambda cbs=None: no_bar(Learner(dls, tiny_cnn(widths=(4, 8, 16)), loss_func=CrossEntropyLossFlat(), path=tmp_path, cbs=cbs))
+    for f in ("same", "plain"):
+        for cbs in (None, CDSCallback(verbose=False)):
+            with pytest.raises(RuntimeError, match="size mismatch"): other(cbs).load(f, with_opt=False)
+
+
+def test_a_partial_load_says_what_it_left_out(tmp_path, capsys):
+    "strict=False loads what fits and prints what did not (fastai's load is silent, even when nothing fits)"
+    dls = small_dls()
+    longer = nn.Sequential(*tiny_cnn(), nn.Linear(10, 10))  # a fifth module ('6') the plain model lacks
+    f = no_bar(Learner(dls, longer, loss_func=CrossEntropyLossFlat(), path=tmp_path)).save("longer")
+    saved = _file_state(f)
+    learn = tiny_learner(dls, path=tmp_path)
+    n_backbone = len(learn.model.model.state_dict())
+    capsys.readouterr()
+    learn.load("longer", strict=False, with_opt=False)
+    out = capsys.readouterr().out.strip()
+    assert out == (f"load longer.pth: saved without heads: loaded {n_backbone} of the {n_backbone} tensors of the backbone; "
+                   "not in the model: 2 (6.weight, 6.bias), the heads keep their initial weights")
+    for k, v in learn.model.model.state_dict().items(): assert torch.equal(v, saved[k]), k
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="Unexpected key"): learn.load("longer")  # strict: fastai's failure
+    # a file with nothing in common: every tensor missing, said
+    torch.save({"a.weight": torch.zeros(1)}, tmp_path / "models" / "alien.pth")
+    learn.load("alien", strict=False, with_opt=False)
+    out = capsys.readouterr().out.strip()
+    n = len(learn.model.state_dict())
+    assert out.startswith(f"load alien.pth: loaded 0 of the {n} tensors of the model; missing: ") and out.endswith("not in the model: 1 (a.weight)")
+
+
+# ---------------------------------------------------------------- export_backbone: the trained backbone for torchvision and timm
+def _rgb_dls():
+    return small_dls(n_train=16, n_valid=4, size=32, n_channels=3, bs=8)
+
+
+def _vision(arch, dls, path, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return no_bar(vision_learner(dls, arch, pretrained=False, path=path, cbs=CDSCallback(verbose=False), **kwargs))
+
+
+def test_export_backbone_loads_into_torchvision_classification_and_detection_models(tmp_path):
+    "From a folder named fastai_cds: exact keys into resnet18 (classifier missing only) and Faster R-CNN's ResNet18-FPN body"
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    root = tmp_path / "fastai_cds"
+    root.mkdir()
+    dls = _rgb_dls()
+    learn = _one_step(_vision(resnet18, dls, root))
+    f = export_backbone(learn, "backbone.pth")
+    assert f == root / "backbone.pth"
+    sd = torch.load(f, weights_only=True)
+    assert set(sd) == set(resnet18().state_dict()) - {"fc.weight", "fc.bias"}
+    assert not any(k.startswith(("heads.", "model.", "0.")) for k in sd)
+    tv = resnet18(num_classes=7)
+    res = tv.load_state_dict(sd, strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+    det = FasterRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None), num_classes=3, min_size=64, max_size=64)
+    res = det.backbone.body.load_state_dict(sd)  # strict
+    assert res.missing_keys == [] and res.unexpected_keys == []
+    # the same features: the learner's body, torchvision's model without pool and classifier, the detection body's deepest map
+    x = dls.valid.one_batch()[0].as_subclass(torch.Tensor)
+    for m in (learn.model, tv, det): m.eval()
+    with torch.no_grad():
+        ref = learn.model.model[0](x)
+        torch.testing.assert_close(nn.Sequential(*list(tv.children())[:-2])(x), ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(det.backbone.body(x)["3"], ref, rtol=1e-4, atol=1e-4)  # FrozenBatchNorm2d: the same BN, computed another way
+        out = det([torch.rand(3, 64, 64)])
+    assert len(out) == 1 and sorted(out[0]) == ["boxes", "labels", "scores"] and out[0]["boxes"].shape[1:] == (4,)
+
+
+def test_export_backbone_fits_fasterrcnn_resnet50_fpn_as_the_readme_says(tmp_path):
+    from torchvision.models import resnet50
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    learn = _vision(resnet50, _rgb_dls(), tmp_path)
+    sd = torch.load(export_backbone(learn, "r50.pth"), weights_only=True)
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64)  # small: a fast forward
+    res = model.backbone.body.load_state_dict(sd)
+    assert res.missing_keys == [] and res.unexpected_keys == []
+    body = learn.model.model[0].state_dict()
+    for k, v in model.backbone.body.state_dict().items():  # every tensor is the learner's: '0.4.1.conv2.weight' is 'layer1.1.conv2.weight'
+        top, rest = k.split(".", 1)
+        idx = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"].index(top)
+        assert torch.equal(v, body[f"{idx}.{rest}"]), k
+    with torch.no_grad(): out = model.eval()([torch.rand(3, 64, 64)])
+    assert sorted(out[0]) == ["boxes", "labels", "scores"] and out[0]["boxes"].shape[1:] == (4,)
+    # the README's other start: torchvision's frozen-BN backbone with the first stages frozen
+    frozen = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=3)
+    res = frozen.body.load_state_dict(sd)
+    assert res.missing_keys == [] and res.unexpected_keys == []
+    assert [n for n, p in frozen.body.named_parameters() if p.requires_grad][0].startswith("layer2.")
+
+
+def test_export_backbone_timm(tmp_path):
+    import timm
+    dls = _rgb_dls()
+    learn = _one_step(_vision("resnet18", dls, tmp_path))
+    sd = torch.load(export_backbone(learn, "timm.pth", format="timm"), weights_only=True)
+    tm = timm.create_model("resnet18", pretrained=False, num_classes=7)
+    assert set(sd) == set(tm.state_dict()) - {"fc.weight", "fc.bias"}
+    res = tm.load_state_dict(sd, strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+    x = dls.valid.one_batch()[0].as_subclass(torch.Tensor)
+    learn.model.eval(); tm.eval()
+    with torch.no_grad(): torch.testing.assert_close(tm.forward_features(x), learn.model.model[0](x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="use format='timm'"): export_backbone(learn, "x.pth")
+
+
+def test_export_backbone_of_a_learner_on_a_torchvision_model(tmp_path):
+    "`Learner(dls, cifar_resnet(...))` (as recipes/cifar.py builds it): torchvision's names already, the classifier left out"
+    from fastai_cds.models import cifar_resnet
+    learn = no_bar(Learner(_rgb_dls(), cifar_resnet("resnet18", 10), loss_func=CrossEntropyLossFlat(), path=tmp_path,
+                           cbs=CDSCallback(verbose=False)))
+    sd = backbone_state(learn)
+    same = cifar_resnet("resnet18", 4)
+    res = same.load_state_dict(sd, strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+    for k, v in learn.model.model.state_dict().items():
+        if not k.startswith("fc."): assert torch.equal(sd[k], v), k
+
+
+def test_export_backbone_bad_input(tmp_path):
+    learn = tiny_learner(small_dls(), path=tmp_path)
+    with pytest.raises(ValueError, match=r"format='torchvision'\) needs .*Sequential"): export_backbone(learn)
+    with pytest.raises(ValueError, match=r"format='timm'\) needs a timm model"): export_backbone(learn, format="timm")
+    with pytest.raises(ValueError, match="format must be 'torchvision' or 'timm', got 'onnx'"): export_backbone(learn, format="onnx")
+    grey = _vision(resnet18, small_dls(n_train=16, n_valid=4, size=32, bs=8), tmp_path, n_in=1)
+    with pytest.raises(ValueError, match=r"does not fit torchvision's resnet18: conv1.weight \(64, 1, 7, 7\) \(torchvision: \(64, 3, 7, 7\)\)"):
+        export_backbone(grey)
+    assert not list(tmp_path.glob("*.pth"))  # nothing written
