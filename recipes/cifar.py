@@ -36,6 +36,7 @@ def main(
     cutout:int=16, # side of view 1's Cutout square in pixels (0: no Cutout)
     fp16:bool=False, # mixed precision: bfloat16 where the device supports it, else float16 (fastai's to_fp16)
     channels_last:bool=False, # channels-last memory format (fastai's ChannelsLast callback)
+    compile:bool=False, # torch.compile the model with its heads (CompileCallback; the export is the plain model)
     export:str=None, # where to export the trained model: a plain fastai Learner, `load_learner` needs no fastai_cds
     seed:int=None, # seed of Python's, NumPy's and torch's random generators (None: not fixed)
     workers:int=None, # DataLoader worker processes (None: fastai's default)
@@ -61,7 +62,7 @@ def main(
     model = cifar_resnet(arch, dls.c) if cifar_stem else get_arch(arch)(num_classes=dls.c)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.9, decouple_wd=False), wd=wd, wd_bn_bias=True,
                     metrics=accuracy, cbs=cbs + checkpointing(checkpoint, checkpoint_every, resume))
-    speedups(learn, fp16, channels_last)
+    speedups(learn, fp16, channels_last, compile)
     start = time.perf_counter()
     with distributed(learn, sync_bn):
         if schedule == 'reference': learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr)}))

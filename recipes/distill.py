@@ -47,6 +47,7 @@ def main(
     pretrained:bool=False, # ImageNet weights for torchvision architectures (downloads them)
     fp16:bool=False, # mixed precision: bfloat16 where the device supports it (CPU too), else float16 (fastai's to_fp16)
     channels_last:bool=False, # channels-last memory format (fastai's ChannelsLast callback)
+    compile:bool=False, # torch.compile the model with its heads (CompileCallback; the export is the plain model)
     export:str='distill_student.pkl', # where to export the student ('' to skip)
     sync_bn:bool=False, # under N processes on GPUs: BatchNorm statistics over all processes' batches (nn.SyncBatchNorm)
     cross_rank:bool=False, # under N processes: the contrastive loss contrasts each process's images with every process's (CDS methods)
@@ -70,7 +71,7 @@ def main(
     new_teacher = lambda cbs=(): arch_learner(teacher, dls, [CDSCallback(view2_tfms=v2, cross_rank=cross_rank), *cbs], pretrained)
     if teacher_file: t = load_teacher(new_teacher, str(Path(teacher_file.removesuffix('.pth')).absolute()))
     else:
-        t = speedups(new_teacher(checkpointing(checkpoint, checkpoint_every, resume, tag='teacher')), fp16, channels_last)
+        t = speedups(new_teacher(checkpointing(checkpoint, checkpoint_every, resume, tag='teacher')), fp16, channels_last, compile)
         with distributed(t, sync_bn): t.fit_one_cycle(teacher_epochs, lr)
         if save_teacher: t.save(Path(save_teacher.removesuffix('.pth')).absolute())
     with distributed(t), t.no_bar(): t_acc = float(t.validate()[1])  # before the student: a teacher in train mode moves its BatchNorm statistics
@@ -79,7 +80,7 @@ def main(
            'cds': [CDSCallback(weight, view2_tfms=v2, cross_rank=cross_rank)],
            'cds+kd': [CDSCallback(weight, view2_tfms=v2, cross_rank=cross_rank, teacher=distiller)]}[method]
     ck = checkpointing(checkpoint, checkpoint_every, resume, tag='student', first=bool(teacher_file))
-    learn = speedups(arch_learner(student, dls, cbs + ck, pretrained), fp16, channels_last)
+    learn = speedups(arch_learner(student, dls, cbs + ck, pretrained), fp16, channels_last, compile)
     with distributed(learn, sync_bn):
         learn.fit_one_cycle(epochs, lr)
         with learn.no_bar(): s_acc = float(learn.validate()[1])

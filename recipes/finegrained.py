@@ -42,6 +42,7 @@ def main(
     size:int=224, # training image size (images are presized to 8/7 of it first)
     fp16:bool=False, # mixed precision: bfloat16 where the device supports it, else float16 (fastai's to_fp16)
     channels_last:bool=False, # channels-last memory format (fastai's ChannelsLast callback)
+    compile:bool=False, # torch.compile the model with its heads (CompileCallback; the export is the plain model)
     export:str=None, # where to export the trained model: a plain fastai Learner, `load_learner` needs no fastai_cds
     seed:int=None, # seed of Python's, NumPy's and torch's random generators (None: not fixed)
     workers:int=None, # DataLoader worker processes (None: fastai's default)
@@ -64,7 +65,7 @@ def main(
                                    item_tfms=PresizeItems(size*8//7, size), batch_tfms=[*setup_aug_tfms([RandomResizedCropBatch(size, 0.35), *aug_transforms()]),
                                    Normalize.from_stats(*imagenet_stats)])  # every random crop per image on the batch: the views stay independent
     learn = arch_learner(arch, dls, cbs + checkpointing(checkpoint, checkpoint_every, resume), pretrained=pretrained and not smoke, scratch_hint='--no-pretrained')  # smoke: no weights offline
-    speedups(learn, fp16, channels_last)
+    speedups(learn, fp16, channels_last, compile)
     start = time.perf_counter()
     with distributed(learn, sync_bn):
         if pretrained: learn.fine_tune(epochs, lr, freeze_epochs=freeze_epochs)

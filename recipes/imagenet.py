@@ -37,6 +37,7 @@ def main(
     size:int=224, # training and validation image size (items are presized to 8/7 of it)
     fp16:bool=False, # mixed precision: bfloat16 where the device supports it, else float16 (fastai's to_fp16)
     channels_last:bool=False, # channels-last memory format (fastai's ChannelsLast callback)
+    compile:bool=False, # torch.compile the model with its heads (CompileCallback; the export is the plain model)
     export:str=None, # where to export the trained model: a plain fastai Learner, `load_learner` needs no fastai_cds
     seed:int=None, # seed of Python's, NumPy's and torch's random generators (None: not fixed)
     workers:int=None, # DataLoader worker processes (None: fastai's default)
@@ -60,7 +61,7 @@ def main(
     if reference_stem: model = globals()['reference_stem'](model)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.9, decouple_wd=False), wd=wd, wd_bn_bias=True,
                     metrics=[accuracy, partial(top_k_accuracy, k=5)], cbs=cbs + checkpointing(checkpoint, checkpoint_every, resume))
-    speedups(learn, fp16, channels_last)
+    speedups(learn, fp16, channels_last, compile)
     start = time.perf_counter()
     with distributed(learn, sync_bn):
         learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr, (30, 60), 90)}))

@@ -36,6 +36,7 @@ def main(
     pretrained:bool=False, # ImageNet weights for torchvision architectures (downloads them)
     fp16:bool=False, # mixed precision: bfloat16 where the device supports it (CPU too), else float16 (fastai's to_fp16)
     channels_last:bool=False, # channels-last memory format (fastai's ChannelsLast callback)
+    compile:bool=False, # torch.compile the model with its heads (CompileCallback; the export is the plain model)
     export:str='semisup.pkl', # where to export the model ('' to skip)
     sync_bn:bool=False, # under N processes on GPUs: BatchNorm statistics over all processes' batches (nn.SyncBatchNorm)
     cross_rank:bool=False, # under N processes: the contrastive loss contrasts each process's images with every process's (CDS methods)
@@ -57,7 +58,7 @@ def main(
     v2 = simclr_tfms(n_channels=1, flip=False) if dataset == 'digits' else None  # None: the default view 2
     cbs = [] if method == 'base' else [CDSCallback(weight=weight, view2_tfms=v2, cross_rank=cross_rank, unlabelled=udl if method == 'semi' else None)]
     learn = arch_learner(arch, dls, cbs + [BestMetrics()] + checkpointing(checkpoint, checkpoint_every, resume), pretrained)
-    speedups(learn, fp16, channels_last)
+    speedups(learn, fp16, channels_last, compile)
     with distributed(learn, sync_bn):
         learn.fit_one_cycle(epochs, lr)
         with learn.no_bar(): acc = float(learn.validate()[1])

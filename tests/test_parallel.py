@@ -230,6 +230,7 @@ def test_distill_smoke_launch(tmp_path):
     check_launch(finish(p), p.returncode, tmp_path/'student.pkl', 'teacher cnn:64')
 
 
+@pytest.mark.slow  # three launches of 2 processes, ~2-3 min: run with `pytest -m slow tests/test_parallel.py`
 def test_semisup_kill_and_resume(tmp_path):
     "Killed (SIGKILL) after an epoch and resumed: the steps and learning rates of an uninterrupted run, the best over every epoch"
     args = ['--epochs', 5, '--bs', 16, '--label-fraction', 0.05, '--checkpoint-every', 1]
