@@ -14,7 +14,7 @@ from .stages import StageInfo, to_nchw
 # %% auto #0
 __all__ = ['Taps', 'DeepSupervisionModel', 'split_with_heads']
 
-# %% ../nbs/03_model.ipynb #381ce1dc
+# %% ../nbs/03_model.ipynb #d78e9bda
 class Taps(NamedTuple):
     "What an armed forward recorded"
     x:Tensor # (B + extra, c, h, w) the whole input the model ran on: the batch, then the extra images
@@ -50,7 +50,7 @@ class DeepSupervisionModel(nn.Module):
         return taps
 
     @contextmanager
-    def _registered(self):
+    def registered(self):
         "The stage hooks, registered for the block unless they already are"
         if self._hooks is not None: yield; return
         self._hooks = hook_outputs([self.model.get_submodule(n) for n in self.stages], detach=False, cpu=False)
@@ -61,7 +61,7 @@ class DeepSupervisionModel(nn.Module):
     def hooked(self):
         "The stage hooks registered for a block of forwards; on exit, whatever happens, removed, and the model disarmed"
         try:
-            with self._registered(): yield self
+            with self.registered(): yield self
         finally: self.disarm()
 
     def _clear_hooks(self):
@@ -75,7 +75,7 @@ class DeepSupervisionModel(nn.Module):
             self._clear_hooks()
             return out
         if extra: x = (torch.cat([x[0], *extra]), *x[1:])
-        with self._registered():
+        with self.registered():
             out = self.model(*x)
             stages = [h.stored if s is None else to_nchw(h.stored, s) for h,s in zip(self._hooks, self.stage_infos)]
             self._clear_hooks()

@@ -119,3 +119,20 @@ def test_compile_model_takes_fastai_tensors_and_keeps_the_module():
     with torch.no_grad(): want = m(x.as_subclass(Tensor))
     assert compile_model(m, backend='aot_eager') is m and list(m.state_dict()) == list(tiny_cnn().state_dict())
     with torch.no_grad(): torch.testing.assert_close(m(x), want)
+
+
+def test_armed_forward_outside_training_compiled():
+    "arm / forward / read by hand (no training epoch registered the hooks): the compiled model gives the eager taps"
+    dls = small_dls(n_train=16, n_valid=8, bs=8)
+    set_seed(1); eager = cds_learner(tiny_cnn(), dls)
+    set_seed(1); compiled = cds_learner(tiny_cnn(), dls)
+    compiled.model.load_state_dict(eager.model.state_dict())
+    compile_model(compiled.model, backend='aot_eager')
+    x = torch.randn(8, 1, 16, 16)
+    taps = []
+    for l in (eager, compiled):
+        l.model.train(); l.model.arm(x[4:]); out = l.model(x[:4]); taps.append((out, l.model.read()))
+        assert not any(m._forward_hooks for m in l.model.modules())  # the hooks are gone after the call
+    (oa, ta), (ob, tb) = taps
+    torch.testing.assert_close(ob, oa, rtol=1e-4, atol=1e-5)
+    for a, b in zip(ta.heads, tb.heads): torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
