@@ -109,9 +109,9 @@ def main(
     for name, make, size, n in models(tiny):
         for r in step_table(name, make, size, n, device, reps, warmup, backend):
             print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.3f} | {'-' if r[6] is None else f'{r[6]:.3f}'} |", flush=True)
-    nw = 0 if tiny else min(8, os.cpu_count())
+    nw = 0 if tiny else min(8, os.cpu_count())  # the reference's workers; ours needs none
     lo = bench_loaders(16 if tiny else 256, 2 if tiny else 20, 1 if tiny else 3, workers=(nw,), device=device)[nw]
-    print(f"\ntwo-view CIFAR loader, {nw} workers: ours (in memory, views on {device}) {lo['ours']:,.0f} images/s, reference per-item PIL "
+    print(f"\ntwo-view CIFAR loader: ours (in memory, views on {device}, no workers) {lo['ours']:,.0f} images/s, reference per-item PIL with {nw} workers "
           f"{lo['reference']:,.0f} images/s: {lo['ours']/lo['reference']:.1f}x")
     name, make, size, n = models(tiny)[0]
     first, last = train_curve(make, size, n, device, train_steps)

@@ -76,7 +76,7 @@ def digits_dls(
     dls, udl = split_labelled(dls, label_fraction, seed+1)
     return (dls, udl) if unlabelled else dls
 
-# %% ../nbs/12_data.ipynb #4e36310a
+# %% ../nbs/12_data.ipynb #8be16fa9
 class TensorImages:
     "Images held as one uint8 tensor `(n, c, h, w)` with their label ids: a dataset for `TensorImageDL`"
     def __init__(self,
@@ -123,16 +123,19 @@ def decoded_images(files:list, labels:list, vocab:list, size:int|None=None, n_wo
     o2i = {v: k for k,v in enumerate(vocab)}
     return torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous(), torch.tensor([o2i[l] for l in labels])
 
-def tensor_dls(train:tuple, valid:tuple, vocab:list, bs:int=64, batch_tfms:list|None=None, device=None, num_workers:int=0, **kwargs)->DataLoaders:
+def tensor_dls(train:tuple, valid:tuple, vocab:list, bs:int=64, batch_tfms:list|None=None, device=None, **kwargs)->DataLoaders:
     "fastai DataLoaders of in-memory images: `train` and `valid` are (uint8 images (n, c, h, w), label ids); `batch_tfms` after `IntToFloatTensor`"
-    tfms = dict(after_batch=[IntToFloatTensor(), *(batch_tfms or [])], device=device, num_workers=num_workers, **kwargs)
+    if kwargs.get('num_workers'):
+        raise ValueError("tensor_dls: a batch is one indexing of the images, made in the main process; worker processes would only add "
+                         f"copies (measured: bench/overhead.py): leave num_workers out (got {kwargs['num_workers']})")
+    tfms = dict(after_batch=[IntToFloatTensor(), *(batch_tfms or [])], device=device, num_workers=0, **{k:v for k,v in kwargs.items() if k != 'num_workers'})
     return DataLoaders(TensorImageDL(TensorImages(*train, vocab, 0), bs=bs, shuffle=True, drop_last=True, **tfms),
                        TensorImageDL(TensorImages(*valid, vocab, 1), bs=bs, **tfms), device=device)
 
 def folder_tensor_dls(path:Path, valid:str='valid', bs:int=64, batch_tfms:list|None=None, size:int|None=None, num_workers:int|None=None, **kwargs)->DataLoaders:
-    "`tensor_dls` of an ImageNet-style folder (`train/` and `valid`, one subfolder per class), decoded once into memory by `num_workers` processes"
+    "`tensor_dls` of an ImageNet-style folder (`train/` and `valid`, one subfolder per class), decoded once into memory by `num_workers` processes (batches: the main process)"
     path, num_workers = Path(path), min(16, defaults.cpus) if num_workers is None else num_workers
     files = {s: get_image_files(path/s) for s in ('train', valid)}
     vocab = sorted({f.parent.name for f in files['train']})
     sets = [decoded_images(fs, [f.parent.name for f in fs], vocab, size, num_workers) for fs in files.values()]
-    return tensor_dls(*sets, vocab=vocab, bs=bs, batch_tfms=batch_tfms, num_workers=num_workers, **kwargs)
+    return tensor_dls(*sets, vocab=vocab, bs=bs, batch_tfms=batch_tfms, **kwargs)

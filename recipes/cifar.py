@@ -39,7 +39,7 @@ def main(
     compile:bool=False, # torch.compile the model with its heads (CompileCallback; the export is the plain model)
     export:str=None, # where to export the trained model: a plain fastai Learner, `load_learner` needs no fastai_cds
     seed:int=None, # seed of Python's, NumPy's and torch's random generators (None: not fixed)
-    workers:int=None, # DataLoader worker processes (None: fastai's default)
+    workers:int=None, # DataLoader worker processes (None: fastai's default; --in-memory: the processes decoding the images, batches are made in the main process)
     in_memory:Switch=True, # decode the images once into one uint8 tensor, make batches by indexing it (--no-in-memory: fastai's per-item loading)
     sync_bn:bool=False, # under N processes on GPUs: BatchNorm statistics over all processes' batches (nn.SyncBatchNorm)
     cross_rank:bool=False, # under N processes: the contrastive loss contrasts each process's images with every process's (CDS methods)
