@@ -38,10 +38,9 @@ def synthetic_dls(n:int, size:int, bs:int, device, n_classes:int=10, seed:int=0)
                       batch_tfms=[Flip(), Normalize.from_stats(*imagenet_stats)])
 
 def learner(make, dls, cds:bool, bf16:bool=False, cl:bool=False, compile:bool=False, backend:str='inductor')->Learner:
-    cbs = ([CDSCallback(verbose=False)] if cds else []) + ([CompileCallback(backend=backend)] if compile else [])
-    learn = Learner(dls, make(), loss_func=CrossEntropyLossFlat(), cbs=cbs)
-    if bf16: to_mixed_precision(learn)
-    if cl: learn.add_cb(ChannelsLast())
+    "A Learner of `make()` on `dls`, with CDS if `cds`, and the recipes' speed-ups (`speedups`); compiled with `backend`"
+    learn = speedups(Learner(dls, make(), loss_func=CrossEntropyLossFlat(), cbs=[CDSCallback(verbose=False)] if cds else []), bf16, cl)
+    if compile: learn.add_cb(CompileCallback(backend=backend))
     return learn
 
 def step_table(name, make, size, n, device, reps, warmup, backend)->list:
