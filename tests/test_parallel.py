@@ -4,7 +4,7 @@ Few launches, each checked for several properties (every launch imports torch an
 * `ranks`: one launch of `CHILD` (2 processes started as torchrun would) for the cross-rank loss and gradients against
   one process on the concatenated batch, identical parameters after steps on different data with a last batch of one
   image, and the sharded unlabelled stream;
-* `test_cifar_smoke_launch`: `torchrun --nproc_per_node 2 recipes/cifar.py --smoke`;
+* `test_cifar_smoke_launch` (slow, for CI's time): `torchrun --nproc_per_node 2 recipes/cifar.py --smoke`;
 * `test_semisup_kill_and_resume`: the semi-supervised recipe launched three times: uninterrupted, SIGKILLed after an
   epoch, resumed (the uninterrupted launch is also the recipe's export check);
 * `test_distill_smoke_launch` (slow): `torchrun --nproc_per_node 2 recipes/distill.py --smoke`.
@@ -219,6 +219,7 @@ def check_launch(out:str, rc:int, export:Path, table_line:str):
     assert loads_without_fastai_cds(export).startswith('[true'), 'the export needs fastai_cds'
 
 
+@pytest.mark.slow  # CI's time: the launch of a recipe; `ranks` above is the fast check of the same engine
 def test_cifar_smoke_launch(tmp_path):
     p = torchrun('cifar.py', '--smoke', '--export', tmp_path/'cifar.pkl')
     check_launch(finish(p), p.returncode, tmp_path/'cifar.pkl', '| dataset ')

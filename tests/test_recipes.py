@@ -80,9 +80,9 @@ def smoke_args(recipe:Path)->list:
 CIFAR, FINE = ROOT/'recipes/cifar.py', ROOT/'recipes/finegrained.py'
 JOBS = {'finegrained': (FINE, ['--smoke'])} if FINE in RECIPES else {}
 JOBS.update({p.stem: (p, smoke_args(p)) for p in RECIPES})
-FAST = list(JOBS) + ['cifar --fp16 --channels-last --method dsn --schedule one-cycle --no-in-memory',  # bf16 autocast on the CPU, a baseline, fastai's per-item loading
-                     'finegrained --no-pretrained --method dhm']  # Table 5 (from scratch)
-SLOW = [f'cifar --method {m}' for m in ('base', 'dks', 'dhm', 'cds-simclr')] + [
+FAST = list(JOBS) + ['cifar --fp16 --channels-last --method dsn --schedule one-cycle --no-in-memory']  # bf16 autocast on the CPU, a baseline, fastai's per-item loading
+SLOW = ['finegrained --no-pretrained --method dhm'] + [  # Table 5 (from scratch)
+    f'cifar --method {m}' for m in ('base', 'dks', 'dhm', 'cds-simclr')] + [
     'cifar --no-cifar-stem', 'cifar --cutout 0 --seed 0', 'cifar --arch resnet34 --fp16',
     'finegrained --no-pretrained --fp16 --channels-last', 'finegrained --method base --arch resnet18', 'imagenet --reference-stem --method dks']
 for k in FAST[len(JOBS):] + SLOW:
@@ -117,7 +117,8 @@ def offline(recipe, tmp_path, *args):
 
 
 @pytest.mark.parametrize('recipe,dataset,url,option', [('cifar.py', 'cifar10', 'CIFAR', '--path'),  # option: how to pass a local copy
-    ('distill.py', 'CIFAR', 'CIFAR', '--dataset'), ('semisup.py', 'CIFAR_100', 'CIFAR_100', '--dataset')])
+    pytest.param('distill.py', 'CIFAR', 'CIFAR', '--dataset', marks=pytest.mark.slow),  # the same message (`training.get_data`): slow, for CI's time
+    pytest.param('semisup.py', 'CIFAR_100', 'CIFAR_100', '--dataset', marks=pytest.mark.slow)])
 def test_offline(recipe, dataset, url, option, tmp_path):
     "A failed download: one line naming the URL tried and the option that takes a local copy, a non-zero exit, no traceback"
     from fastai.data.external import URLs
