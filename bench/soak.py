@@ -10,7 +10,7 @@ every epoch. From step `--warmup` on, it checks after every step that:
   and head outputs, the teacher's features, the predictions and the loss, taken at each step, must be dead one step
   later, without a garbage collection);
 and, at step `--warmup` and at the end, that the number of live tensors outside the per-batch logs (fastai's
-`recorder.losses`, our `loss_terms.history`: one scalar per batch, by design) does not change.
+`recorder.losses`: one scalar per batch, by design; our `loss_terms.logs`: one tensor per term) does not change.
 
 Prints the figures, then one JSON line; exits with status 1 if a check fails. `python bench/soak.py` (2,000 steps,
 27 minutes on a busy 2-core machine); tests/test_soak.py runs a short version. Linux only (`/proc`). Not run by CI.
@@ -40,8 +40,8 @@ def live_tensors()->int:
     return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))  # type(): no attribute lookup on lazy module proxies
 
 def n_logged(learn:Learner)->int:
-    "Tensors of the per-batch logs (fastai's `recorder.losses`, `loss_terms.history`) and those a log entry keeps alive (a view's base)"
-    entries = [*learn.recorder.losses, *(t for v in learn.loss_terms.history.values() for t in v)]
+    "Tensors of the per-batch logs: fastai's `recorder.losses` (one per batch) and `loss_terms.logs` (one per term) and those they keep alive (a view's base)"
+    entries = [*learn.recorder.losses, *(buf for buf, n in learn.loss_terms.logs.values() if buf is not None)]
     return len({id(t) for t in entries} | {id(t._base) for t in entries if t._base is not None})
 
 class Soak(Callback):
@@ -127,8 +127,8 @@ def main(
           f"from {hooks[0]} to {hooks[-1]} between step {warmup} and {steps}: they accumulate"))
     print(f"tensors of a batch alive one step later: {', '.join(old) or 'none'} ({len(soak.alive) - 1} steps checked); "
           f"of the last batch after the fit: {', '.join(after_fit) or 'none'}")
-    print(f"live tensors: {soak.tensors[s0]} at step {s0}, {soak.tensors[s1]} at step {s1}; of the per-batch logs (one scalar per batch "
-          f"and term): {soak.logged[s0]}, {soak.logged[s1]}; outside them: {o0}, {o1} ({o1 - o0:+d}; one leaked tensor per step would add {s1 - s0})")
+    print(f"live tensors: {soak.tensors[s0]} at step {s0}, {soak.tensors[s1]} at step {s1}; of the per-batch logs (fastai's `recorder.losses`, one "
+          f"scalar per batch; `loss_terms.logs`, one tensor per term): {soak.logged[s0]}, {soak.logged[s1]}; outside them: {o0}, {o1} ({o1 - o0:+d}; one leaked tensor per step would add {s1 - s0})")
     for name, ok in checks.items(): print(f"{'ok  ' if ok else 'FAIL'} {name}")
     print(json.dumps({**res, 'checks': checks}))
     if not all(checks.values()): sys.exit(1)

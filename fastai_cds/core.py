@@ -19,15 +19,28 @@ from .export import plain_learner  # patches `Learner.export`: a learner with he
 # %% auto #0
 __all__ = ['LossTerms', 'add_loss_terms', 'set_loss', 'LossTermCallback', 'attach_heads', 'attach_aux', 'DeepSupervisionCallback']
 
-# %% ../nbs/06_core.ipynb #9a3f2fb3
+# %% ../nbs/06_core.ipynb #d69a7056
 class LossTerms(Callback):
     "Record the loss terms of the callbacks that declare `term_names`: epoch means in the Recorder, every batch in `history`"
     order = Recorder.order + 5
-    def __init__(self): self.history, self.sources, self.names, self._pending, self.sums, self.counts = {}, [], [], False, {}, {}
+    def __init__(self): self.logs, self.sources, self.names, self._pending, self.sums, self.counts = {}, [], [], False, {}, {}
+    @property
+    def history(self)->dict[str, list[Tensor]]:
+        "Every training batch's value of each term, oldest first"
+        return {k: list(buf[:n].unbind()) if n else [] for k,(buf,n) in self.logs.items()}
+    def _log(self, k:str, v:Tensor):
+        "Write `v` in `k`'s log: one tensor per term, doubled when full (not one small tensor per batch, which would fragment the heap)"
+        buf, n = self.logs.get(k, (None, 0))
+        if buf is None or len(buf) == n or buf.shape[1:] != v.shape or buf.device != v.device or buf.dtype != v.dtype:
+            grown = v.new_empty((max(64, 2*n), *v.shape))
+            if n: grown[:n] = buf[:n]
+            buf = grown
+        buf[n] = v
+        self.logs[k] = (buf, n+1)
     def _find_sources(self):
         self.sources = sorted([cb for cb in self.learn.cbs if hasattr(cb, 'term_names') and hasattr(cb, 'terms') and cb is not self], key=lambda cb: cb.order)
         self.names = list(dict.fromkeys(n for cb in self.sources for n in cb.term_names))
-        for n in self.names: self.history.setdefault(n, [])
+        for n in self.names: self.logs.setdefault(n, (None, 0))
     def before_fit(self):
         self._find_sources()
         rec, self._pending = getattr(self.learn, 'recorder', None), False
@@ -42,7 +55,7 @@ class LossTerms(Callback):
         for cb in self.sources:
             for k,v in cb.terms.items():  # a batch that skipped a term (e.g. a last batch of one) does not count for it
                 self.sums[k], self.counts[k] = self.sums.get(k, 0.) + v, self.counts.get(k, 0) + 1
-                self.history.setdefault(k, []).append(v)
+                self._log(k, v)
             cb.terms = {}
     def after_train(self): self._pending = True
     def after_validate(self):
@@ -88,7 +101,7 @@ class LossTermCallback(Callback):
     def leaving(self, learn:Learner):
         "Undo, on `learn`, what this callback set on it (called when it leaves `learn`)"
 
-# %% ../nbs/06_core.ipynb #38754abf
+# %% ../nbs/06_core.ipynb #4fa44267
 def _rebuild_opt(learn:Learner):
     "Make `learn.opt` again for new parameters, keeping the old one's hyper-parameters, frozen groups and state"
     old = learn.opt
@@ -110,7 +123,7 @@ def attach_aux(learn:Learner, name:str, module:nn.Module):
     learn.model.aux[name] = module
     _rebuild_opt(learn)
 
-# %% ../nbs/06_core.ipynb #d14c6c52
+# %% ../nbs/06_core.ipynb #45d84312
 class DeepSupervisionCallback(LossTermCallback):
     "Base of the deep-supervision callbacks: stages, heads inside `learn.model` run on training batches, checks, loss terms"
     order, run_valid = -5, False
