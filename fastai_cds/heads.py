@@ -32,7 +32,7 @@ def sep_conv_block(ni:int, nf:int, stride:int=2)->nn.Sequential:
         nn.Conv2d(ni, ni, 3, 1, 1, groups=ni, bias=False), nn.Conv2d(ni, nf, 1, bias=False),
         nn.BatchNorm2d(nf), nn.ReLU(inplace=True))
 
-# %% ../nbs/02_heads.ipynb #7adf970a
+# %% ../nbs/02_heads.ipynb #175f6a3a
 @contextmanager
 def _frozen_bn_stats(*ms:nn.Module):
     "BatchNorm layers of `ms` run as in training but leave their running statistics and batch count as they were"
@@ -51,19 +51,26 @@ class ConvTrunk(nn.Sequential):
     ):
         super().__init__(*blocks)
         self.n_checkpoint, self.channels_last = len(blocks) if checkpoint is True else int(checkpoint), channels_last
+        entry = blocks[0][0] if blocks and isinstance(blocks[0], nn.Sequential) and len(blocks[0]) else None
+        self.strided_entry = channels_last and isinstance(entry, nn.Conv2d) and entry.stride != (1, 1)
         if channels_last: self.to(memory_format=torch.channels_last)
-    def _first(self, x:Tensor)->Tensor:
-        "The input in the trunk's layout, through the blocks to recompute"
-        if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)
-        for k in range(self.n_checkpoint): x = self[k](x)
+        if self.strided_entry: entry.weight.data = entry.weight.data.clone(memory_format=torch.contiguous_format)  # runs in the input's layout
+    def _first(self, x:Tensor, n:int)->Tensor:
+        "The input in the trunk's layout, through the first `n` blocks"
+        blocks = list(self)[:n]
+        if self.channels_last and not x.is_contiguous(memory_format=torch.channels_last):
+            if self.strided_entry: x, blocks[0] = self[0][0](x), self[0][1:]  # the strided conv first: a smaller map to convert
+            x = x.contiguous(memory_format=torch.channels_last)
+        for b in blocks: x = b(x)
         return x
     def forward(self, x:Tensor)->Tensor:
         if not len(self): return x
+        n = max(self.n_checkpoint, 1)  # the first block always runs in `_first`, where the layout changes
         if self.n_checkpoint and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            frozen = lambda: (nullcontext(), _frozen_bn_stats(*list(self)[:self.n_checkpoint]))
-            x = torch_checkpoint(self._first, x, use_reentrant=False, context_fn=frozen)
-        else: x = self._first(x)  # compiled: the compiler's partitioner chooses what to recompute
-        for k in range(self.n_checkpoint, len(self)): x = self[k](x)
+            frozen = lambda: (nullcontext(), _frozen_bn_stats(*list(self)[:n]))
+            x = torch_checkpoint(self._first, x, n, use_reentrant=False, context_fn=frozen)
+        else: x = self._first(x, n)  # compiled: the compiler's partitioner chooses what to recompute
+        for k in range(n, len(self)): x = self[k](x)
         return x
 
 class CheckpointedSequential(ConvTrunk):

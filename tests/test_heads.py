@@ -289,3 +289,24 @@ def test_head_convs_start_from_the_reference_initialisation():
         assert abs(c.weight.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.1, (c, c.weight.std())
     for bn in (m for m in head.modules() if isinstance(m, nn.BatchNorm2d)):
         assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+
+
+def test_strided_entry_conv_runs_in_the_input_layout():
+    "The trunk's first (strided) conv runs on the stage's NCHW map; what turns channels-last is its 4x smaller output"
+    seen = []
+    for kw in (dict(), dict(checkpoint=0)):
+        t = conv_trunk(ST, FIN, **kw)
+        t.load_state_dict(_trunks()['plain (NCHW, nothing recomputed)'].state_dict())
+        assert t.strided_entry and t[0][0].stride == (2, 2)
+        h = t[0][0].register_forward_hook(lambda m, i, o: seen.append((i[0].is_contiguous(), o.is_contiguous())))
+        x = torch.randn(4, 16, 16, 16)
+        out = t(x)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, _trunks()['plain (NCHW, nothing recomputed)'](x))
+        out.sum().backward()
+        t(x.contiguous(memory_format=torch.channels_last))  # an input already channels-last: converted by no one
+        h.remove()
+    n_fwd = [2, 1]  # checkpoint=1 recomputes the first block in the backward pass
+    assert seen == [(True, True)] * n_fwd[0] + [(False, False)] + [(True, True)] * n_fwd[1] + [(False, False)]
+    assert not conv_trunk(ST, FIN, channels_last=False).strided_entry
+    assert not conv_trunk(StageInfo('s', 64, (2, 2), 32), FIN).strided_entry  # a stride-1 block: nothing to gain
