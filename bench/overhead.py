@@ -310,7 +310,7 @@ def main(
         print(f"| CDS step - plain 2N step | {extra:.0f} | {extra/r['med'][STEPS[1]]:.1%} |")
         for k,v in parts.items(): print(f"| {k} | {v:.1f} | {v/r['med'][STEPS[1]]:.1%} |")
         rest = extra - sum(parts.values())
-        print(f"| rest (hooks, callbacks, CE on N instead of 2N, optimizer on head parameters) | {rest:.0f} | {rest/r['med'][STEPS[1]]:.1%} |\n")
+        print(f"| rest: the difference of noisy medians (`bench/step_parts.py` times the parts of a step: the heads are the whole gap) | {rest:.0f} | {rest/r['med'][STEPS[1]]:.1%} |\n")
     for r in results:
         for k, tab in r['prof']:
             print(f"\ntorch.profiler, one step of {k}, {r['name']} (top ops by self CPU time):\n```\n{tab}\n```")
