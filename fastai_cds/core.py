@@ -19,7 +19,7 @@ from .export import plain_learner  # patches `Learner.export`: a learner with he
 # %% auto #0
 __all__ = ['LossTerms', 'add_loss_terms', 'set_loss', 'LossTermCallback', 'attach_heads', 'attach_aux', 'DeepSupervisionCallback']
 
-# %% ../nbs/06_core.ipynb #d69a7056
+# %% ../nbs/06_core.ipynb #0496e282
 class LossTerms(Callback):
     "Record the loss terms of the callbacks that declare `term_names`: epoch means in the Recorder, every batch in `history`"
     order = Recorder.order + 5
@@ -67,8 +67,8 @@ class LossTerms(Callback):
         "Plot the recorded terms per training batch"
         import matplotlib.pyplot as plt
         if ax is None: _, ax = plt.subplots(figsize=figsize)
-        for n,v in self.history.items():
-            if with_ce or n != 'ce': ax.plot([float(t) for t in v[skip_start:]], label=n)
+        for k,(buf,n) in self.logs.items():  # one copy from the device per term, not one per batch
+            if with_ce or k != 'ce': ax.plot(buf[skip_start:n].float().cpu().numpy() if n else [], label=k)
         ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
 
