@@ -1,6 +1,6 @@
 """Accuracy and calibration of baseline, DSN, DKS, DHM and CDS (SupCon, SimCLR) on the embedded digits, paired seeds.
 
-Every method trains the same CNN (`fastai_cds.models.small_cnn`, the quick start's) with the same schedule; a seed fixes the data
+Every method trains the same CNN (`fastai_cds.architectures.small_cnn`, the quick start's) with the same schedule; a seed fixes the data
 split, the labelled subset, the shuffling order and the initialisation of the shared network for every method, so the
 differences to the baseline are paired. Results go one JSON line per run to `bench/out/compare.jsonl` as they finish;
 a run already there (same configuration) is skipped, so an interrupted benchmark resumes where it stopped. Not run by CI.

@@ -18,6 +18,7 @@ import torch, torchvision
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
+from fastai_cds.recipe import speedups
 from overhead import start_training, bench_loaders
 
 def models(tiny:bool)->list:

@@ -3,7 +3,7 @@
 (a) One fastai training step (`Learner.one_batch`: callbacks, forward, loss, backward, optimizer step) of five learners
     on the same images, interleaved step by step (order rotated every round), median over `--reps` steps each:
     CDS on N images (two views: 2N through the network), the plain model on the same 2N images (the floor: CDS cannot
-    cost less than a forward/backward of 2N images), the plain model on N images, and CDS with head='mlp' and with checkpoint_heads=True. Peak memory is
+    cost less than a forward/backward of 2N images), the plain model on N images, and CDS with head='mlp' and with head=partial(SepConvHead, checkpoint=True). Peak memory is
     measured with torch.profiler (`profile_memory=True`: the allocations and frees of every op, summed in time order)
     plus the tensors that live across steps (parameters, gradients, optimizer state, the batch).
     Each head and the contrastive losses are also timed alone in the same rounds, to say where the time of CDS beyond
@@ -295,7 +295,7 @@ def main(
           "gradients + optimizer state + batch + the peak of torch.profiler's per-op CPU allocations during one step "
           "(`profile_memory=True`).\n")
     print("Other settings of CDSCallback, in the same interleaved rounds: `head='mlp'` (pool, Linear-ReLU-Linear; not the "
-          "paper's sep-conv heads) and `checkpoint_heads=True` (the sep-conv heads recompute their activations in the backward pass):\n")
+          "paper's sep-conv heads) and `head=partial(SepConvHead, checkpoint=True)` (the sep-conv heads recompute their activations in the backward pass):\n")
     print("| model | setting | step ms | step / plain 2N | peak memory / plain 2N |\n|---|---|---|---|---|")
     for r in results:
         for k in OPTIONS:

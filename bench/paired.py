@@ -13,7 +13,7 @@ from fastai.torch_core import set_seed
 from fastai.callback.core import Callback, CancelValidException
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
-from fastai_cds.data import digits_stats
+from fastai_cds.digits import digits_stats
 from fastai_cds.metrics import ece
 from fastai_cds.views import reference_views, simclr_tfms
 

@@ -1,6 +1,6 @@
 """Semi-supervised CDS on the embedded digits at 10-40 % labels: the paper's Fig. 2 in miniature.
 
-Three ways to train the quickstart's small CNN (`fastai_cds.models.small_cnn`) on a stratified labelled fraction:
+Three ways to train the quickstart's small CNN (`fastai_cds.architectures.small_cnn`) on a stratified labelled fraction:
 the baseline on the labelled part, CDS on the labelled part, and semi-supervised CDS (`CDSCallback(unlabelled=udl)`:
 the labelled part plus the unlabelled rest through the contrastive term only, unlabelled batch size = labelled one).
 A seed fixes the data split, the labelled subset and the initialisation for every method, so the differences to the

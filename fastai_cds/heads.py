@@ -6,18 +6,16 @@
 from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
-from functools import partial
+from typing import Callable
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from fastai.layers import Flatten
-import warnings
-from typing import Callable
 from .stages import StageInfo
 
 # %% auto #0
-__all__ = ['HEADS', 'L2Norm', 'sep_conv_block', 'ConvTrunk', 'CheckpointedSequential', 'reference_init', 'conv_trunk',
-           'SepConvHead', 'MLPHead', 'head_factory', 'ProjectionHead', 'AuxClassifier']
+__all__ = ['HEADS', 'L2Norm', 'sep_conv_block', 'ConvTrunk', 'reference_init', 'conv_trunk', 'SepConvHead', 'MLPHead',
+           'head_factory', 'AuxClassifier']
 
 # %% ../nbs/02_heads.ipynb #e628e027
 class L2Norm(nn.Module):
@@ -73,10 +71,6 @@ class ConvTrunk(nn.Sequential):
         for k in range(n, len(self)): x = self[k](x)
         return x
 
-class CheckpointedSequential(ConvTrunk):
-    "A `ConvTrunk` recomputing all its blocks (the name of earlier releases)"
-    def __init__(self, *blocks:nn.Module, channels_last:bool=False): super().__init__(*blocks, checkpoint=True, channels_last=channels_last)
-
 def reference_init(m:nn.Module)->nn.Module:
     "`m` with the reference code's initialisation: every conv `kaiming_normal_(mode='fan_out', nonlinearity='relu')`, BatchNorm weight 1, bias 0"
     for mod in m.modules():
@@ -121,13 +115,6 @@ def head_factory(head:str|Callable)->Callable:
     if callable(head): return head
     if head not in HEADS: raise ValueError(f"head must be one of {list(HEADS)} or a callable (stage, final) -> nn.Module, got {head!r}")
     return HEADS[head]
-
-# %% ../nbs/02_heads.ipynb #dc1f0fb6
-def ProjectionHead(stage:StageInfo, final:StageInfo, kind:str='sepconv', dim:int=128, hidden:int|None=None, checkpoint:int|bool=1)->nn.Module:
-    "Deprecated: use `SepConvHead` or `MLPHead`"
-    warnings.warn("ProjectionHead is deprecated: use SepConvHead(stage, final) or MLPHead(stage, final, dim)", DeprecationWarning, stacklevel=2)
-    if kind == 'mlp': return MLPHead(stage, final, dim, hidden)
-    return head_factory(kind)(stage, final, checkpoint=checkpoint)
 
 # %% ../nbs/02_heads.ipynb #abfb022e
 class AuxClassifier(nn.Sequential):

@@ -17,6 +17,7 @@ from typing import Annotated
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
+from fastai_cds.recipe import *
 
 Switch = Annotated[bool, {'action': argparse.BooleanOptionalAction}]  # --flag / --no-flag
 SOURCES = {'cifar10': ('CIFAR-10', URLs.CIFAR), 'cifar100': ('CIFAR-100', URLs.CIFAR_100)}

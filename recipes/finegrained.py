@@ -23,6 +23,7 @@ from typing import Annotated
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
+from fastai_cds.recipe import *
 
 Switch = Annotated[bool, {'action': argparse.BooleanOptionalAction}]  # --flag / --no-flag
 SOURCES = {'cub': ('CUB-200-2011', URLs.CUB_200_2011), 'cars': ('Stanford Cars', URLs.CARS), 'flowers': ('Oxford Flowers-102', URLs.FLOWERS),
@@ -60,7 +61,7 @@ def main(
     if seed is not None: set_seed(seed)
     if smoke: path, size, bs, workers, export = smoke_folder(40, 'valid'), 32, 8, 0, export or 'smoke.pkl'
     epochs, lr = epochs or (1 if smoke else 30 if pretrained else 150), lr or (2e-3 if pretrained else 8e-3)
-    path = dataset_path(*SOURCES[dataset], path, layout=LAYOUTS)
+    path = dataset_path(*SOURCES[dataset], path, layout=FOLDER_LAYOUTS)
     dls = ImageDataLoaders.from_df(split_table(path), path, fn_col='file', label_col='label', valid_col='is_valid', bs=bs, num_workers=workers,
                                    item_tfms=PresizeItems(size*8//7, size), batch_tfms=[*setup_aug_tfms([RandomResizedCropBatch(size, 0.35), *aug_transforms()]),
                                    Normalize.from_stats(*imagenet_stats)])  # every random crop per image on the batch: the views stay independent

@@ -21,6 +21,7 @@ from typing import Annotated
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
+from fastai_cds.recipe import *
 
 Switch = Annotated[bool, {'action': argparse.BooleanOptionalAction}]  # --flag / --no-flag
 

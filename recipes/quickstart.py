@@ -1,6 +1,6 @@
 """Quick start: the same small CNN with and without CDS on scikit-learn's digits (10 % of the labels).
 
-Deviations from the paper: a 4-stage CNN (`fastai_cds.models.small_cnn`) at 16x16 instead of a ResNet on
+Deviations from the paper: a 4-stage CNN (`fastai_cds.architectures.small_cnn`) at 16x16 instead of a ResNet on
 CIFAR/ImageNet, Adam with one-cycle instead of SGD over 300 epochs, and a milder view 2 (no flip: digits are not
 symmetric). One seed is a noisy comparison; `bench/compare.py` pairs many.
 """
@@ -9,6 +9,8 @@ warnings.filterwarnings('ignore', category=FutureWarning, module='torch.jit._scr
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
+from fastai_cds.recipe import *
+from fastai_cds.parallel import rank0_print
 
 @call_parse
 def main(

@@ -19,6 +19,8 @@ warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # tor
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
+from fastai_cds.recipe import *
+from fastai_cds.parallel import rank0_print
 
 @call_parse
 def main(

@@ -3,7 +3,7 @@ import pytest
 import torch
 from fastai.torch_core import set_seed
 
-from fastai_cds.data import digits_dls
+from fastai_cds.digits import digits_dls
 
 # Tiny models on a 2-core machine: one intra-op thread is no slower than two, and leaves no threads spinning.
 # Child processes get the same through OMP_NUM_THREADS=1 (`helpers.run_children`).

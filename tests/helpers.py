@@ -24,7 +24,7 @@ from fastai.vision.core import PILImage, PILImageBW
 from fastai.vision.data import ImageBlock
 
 from fastai_cds.cds import CDSCallback
-from fastai_cds.data import digits_items
+from fastai_cds.digits import digits_items
 
 MEAN, STD = 0.3, 0.35  # Normalize stats of the digits, per channel
 

@@ -1,6 +1,7 @@
 "Tests of `fastai_cds.baselines` (DSN, DKS, DHM) inside real fastai training loops, against independent expectations."
 import json
 import math
+import re
 import textwrap
 
 import pytest
@@ -11,13 +12,14 @@ from fastai.callback.mixup import MixUp
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 
-from fastai_cds.baselines import DHMCallback, DKSCallback, DSNCallback
+from fastai_cds.baselines import METHODS, DHMCallback, DKSCallback, DSNCallback, method_callbacks
 from fastai_cds.cds import CDSCallback
-from fastai_cds.data import digits_items, digits_splits
+from fastai_cds.digits import digits_items, digits_splits
 from fastai_cds.heads import AuxClassifier
 from fastai_cds.losses import pairwise_kl
 from fastai_cds.model import DeepSupervisionModel
 from fastai_cds.precision import DeviceMixedPrecision
+from fastai_cds.views import simclr_tfms
 
 from helpers import BLOCKED, Spy, hooked_modules, no_bar, ref_ce, ref_kl, run_children, ours, snapshot, stop, tiny_cnn
 
@@ -281,3 +283,23 @@ def test_only_the_final_stage_is_rejected(dls):
 def test_one_deep_supervision_callback_per_learner(dls):
     with pytest.raises(ValueError, match="one such callback per Learner"):
         learner(dls, [DSNCallback(verbose=False), CDSCallback(verbose=False)])
+
+
+# ---------------------------------------------------------------- method_callbacks
+def test_method_callbacks_by_name():
+    assert METHODS == ('base', 'dsn', 'dks', 'dhm', 'cds', 'cds-simclr')
+    assert method_callbacks('base') == []
+    (cds,) = method_callbacks('cds', verbose=False)
+    assert type(cds) is CDSCallback and cds.supervised and not cds.verbose and cds.view2_tfms is None
+    tfms = simclr_tfms(n_channels=1)
+    (simclr,) = method_callbacks('cds-simclr', view2_tfms=tfms, weight=0.3)
+    assert type(simclr) is CDSCallback and not simclr.supervised and simclr.view2_tfms is tfms and simclr.weight == 0.3
+    for name, cls in (('dsn', DSNCallback), ('dks', DKSCallback), ('dhm', DHMCallback)):
+        (cb,) = method_callbacks(name, verbose=False)
+        assert type(cb) is cls and not cb.verbose
+
+
+@pytest.mark.parametrize('bad', ['CDS', 'simclr', ''])
+def test_method_callbacks_bad_name(bad):
+    with pytest.raises(ValueError, match=re.escape(f"method {bad!r}: pick one of base, dsn, dks, dhm, cds, cds-simclr")):
+        method_callbacks(bad)

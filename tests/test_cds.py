@@ -265,18 +265,7 @@ def test_head_factory_callable_gets_each_stage_and_the_final_map():
     assert [(h[2].out_features, h[4].out_features) for h in learn.model.heads] == [(8, 16)] * 3
 
 
-@pytest.mark.parametrize('kwargs,check', [
-    (dict(head='mlp', head_dim=16), lambda h: type(h) is MLPHead and h[4].out_features == 16),
-    (dict(checkpoint_heads=True), lambda h: type(h) is SepConvHead and h[0].n_checkpoint == len(h[0])),
-])
-def test_deprecated_head_arguments_warn_and_still_work(kwargs, check):
-    with pytest.warns(DeprecationWarning, match='deprecated'):
-        cds = CDSCallback(verbose=False, **kwargs)
-    learn = tiny_learner(small_dls(), cds)
-    assert all(check(h) for h in learn.model.heads)
-
-
-def test_checkpoint_heads_trains_exactly_like_the_default():
+def test_recomputed_heads_train_exactly_like_the_default():
     "Recomputing the heads in the backward pass changes memory, not training: same keys, same weights after a step"
     learners = []
     for head in (SepConvHead, partial(SepConvHead, checkpoint=True)):

@@ -364,7 +364,7 @@ CHILD_TEACHER = textwrap.dedent("""
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai_cds.cds import CDSCallback
-    from fastai_cds.data import digits_dls
+    from fastai_cds.digits import digits_dls
     from fastai_cds.distill import Teacher, load_teacher
 """) + inspect.getsource(tiny_cnn) + textwrap.dedent(f"""
     d = sys.argv[1]

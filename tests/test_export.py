@@ -21,8 +21,10 @@ from torchvision.models import resnet18
 
 from fastai_cds.cds import CDSCallback
 from fastai_cds.core import LossTerms
-from fastai_cds.data import digits_dls, digits_items, digits_splits
-from fastai_cds.export import _is_ours, backbone_state, export_backbone, plain_learner  # importing it patches Learner.export/load
+from fastai_cds.digits import digits_dls, digits_items, digits_splits
+from fastai_cds.export import _is_ours, plain_learner
+from fastai_cds.backbone import backbone_state, export_backbone
+from fastai_cds.checkpoints import load_checkpoint
 from fastai_cds.metrics import ExpectedCalibrationError
 from fastai_cds.model import DeepSupervisionModel, split_with_heads
 
@@ -261,7 +263,7 @@ CHILD_IMPORT = textwrap.dedent("""
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai_cds.cds import CDSCallback  # what a user of CDSCallback imports, and nothing else of fastai_cds
-    from fastai_cds.data import digits_dls
+    from fastai_cds.digits import digits_dls
     dls = digits_dls(size=16, label_fraction=0.05, valid_pct=0.05, bs=16, device='cpu')
     m = nn.Sequential(ConvLayer(1, 8, stride=2), ConvLayer(8, 16, stride=2), nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(16, 10))
     Learner(dls, m, loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(verbose=False)).export(sys.argv[1] + '/e.pkl')
@@ -279,14 +281,14 @@ def test_the_pickle_check_sees_references_and_ignores_paths(tmp_path):
     root = tmp_path / 'fastai_cds'
     root.mkdir()
     learn = no_bar(Learner(digits_dls(device="cpu", size=16, label_fraction=0.05, valid_pct=0.05, bs=16), tiny_cnn(), cbs=cds(), path=root))
-    learn._fastai_export(root / 'raw.pkl')  # fastai's export, unpatched: the wrapper, heads and callbacks inside
+    Learner.export(learn, root / 'raw.pkl')  # fastai's export: the wrapper, heads and callbacks inside
     assert 'fastai_cds.model.DeepSupervisionModel' in ours(root / 'raw.pkl')
     learn.export(root / 'e.pkl')
     with zipfile.ZipFile(root / 'e.pkl') as z: assert any(b'fastai_cds' in z.read(n) for n in z.namelist())  # the path is in it
     assert ours(root / 'e.pkl') == []
 
 
-# ---------------------------------------------------------------- learn.load across learners with and without heads
+# ---------------------------------------------------------------- load_checkpoint (a CDS learner's learn.load) across learners with and without heads
 def _one_step(learn):
     "One training step: weights, BatchNorm buffers and the optimizer state move away from a fresh start"
     learn.fit(1, 1e-2, cbs=Spy(100, after_batch=stop))
@@ -331,7 +333,7 @@ def test_a_cds_checkpoint_loads_into_a_plain_learner_and_says_so(tmp_path, capsy
     assert n_heads and n_aux and len(saved) == n_heads + n_aux + len(learn.model.model.state_dict())
     plain = no_bar(Learner(dls, tiny_cnn(widths=(8, 16, 24)), loss_func=CrossEntropyLossFlat(), path=tmp_path))
     capsys.readouterr()
-    plain.load("cds")
+    load_checkpoint(plain, "cds")  # a plain learner's own `load` is fastai's
     out = capsys.readouterr().out
     sd = plain.model.state_dict()
     assert {f"model.{k}" for k in sd} == {k for k in saved if k.startswith("model.")}
@@ -354,13 +356,13 @@ def test_same_kind_loads_say_nothing_and_another_architecture_still_fails(tmp_pa
     plain.save("plain")
     capsys.readouterr()
     tiny_learner(dls, path=tmp_path).load("same", with_opt=False)  # (saved before any fit: no optimizer state)
-    no_bar(Learner(dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(), path=tmp_path)).load("plain", with_opt=False)
+    load_checkpoint(no_bar(Learner(dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(), path=tmp_path)), "plain", with_opt=False)
     assert capsys.readouterr().out == ""
     # other widths: fastai's size mismatch, in both kinds of learner
     other = lambda cbs=None: no_bar(Learner(dls, tiny_cnn(widths=(4, 8, 16)), loss_func=CrossEntropyLossFlat(), path=tmp_path, cbs=cbs))
     for f in ("same", "plain"):
         for cbs in (None, CDSCallback(verbose=False)):
-            with pytest.raises(RuntimeError, match="size mismatch"): other(cbs).load(f, with_opt=False)
+            with pytest.raises(RuntimeError, match="size mismatch"): load_checkpoint(other(cbs), f, with_opt=False)
 
 
 def test_a_partial_load_says_what_it_left_out(tmp_path, capsys):
@@ -468,7 +470,7 @@ def test_export_backbone_timm(tmp_path):
 
 def test_export_backbone_of_a_learner_on_a_torchvision_model(tmp_path):
     "`Learner(dls, cifar_resnet(...))` (as recipes/cifar.py builds it): torchvision's names already, the classifier left out"
-    from fastai_cds.models import cifar_resnet
+    from fastai_cds.architectures import cifar_resnet
     learn = no_bar(Learner(_rgb_dls(), cifar_resnet("resnet18", 10), loss_func=CrossEntropyLossFlat(), path=tmp_path,
                            cbs=CDSCallback(verbose=False)))
     sd = backbone_state(learn)

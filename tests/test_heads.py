@@ -1,12 +1,12 @@
-"""Tests of `fastai_cds.heads`: projection heads (`SepConvHead`, `MLPHead`, by name through `head_factory`, and the
-deprecated `ProjectionHead`) and auxiliary classifiers sized from the stages."""
+"""Tests of `fastai_cds.heads`: projection heads (`SepConvHead`, `MLPHead`, by name through `head_factory`) and auxiliary
+classifiers sized from the stages."""
 from functools import partial
 
 import pytest
 import torch
 import torch.nn as nn
 
-from fastai_cds.heads import (HEADS, AuxClassifier, CheckpointedSequential, ConvTrunk, L2Norm, MLPHead, ProjectionHead, SepConvHead,
+from fastai_cds.heads import (HEADS, AuxClassifier, ConvTrunk, L2Norm, MLPHead, SepConvHead,
                               conv_trunk, head_factory, sep_conv_block)
 from fastai_cds.stages import StageInfo
 
@@ -123,24 +123,6 @@ def test_head_factory_bad_name_raises(bad):
         head_factory(bad)
 
 
-@pytest.mark.parametrize("kw,cls", [(dict(), SepConvHead), (dict(checkpoint=True), SepConvHead),
-                                    (dict(kind="mlp", dim=24, hidden=40), MLPHead)])
-def test_projection_head_is_deprecated_and_builds_the_same_head(kw, cls):
-    st = stage(64, 16, 2)
-    with pytest.warns(DeprecationWarning, match="ProjectionHead is deprecated"):
-        old = ProjectionHead(st, FINAL, **kw)
-    new = cls(st, FINAL, **{k: v for k, v in kw.items() if k != "kind"})
-    assert type(old) is cls
-    assert [type(m) for m in old.modules()] == [type(m) for m in new.modules()]
-    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
-    new.load_state_dict(old.state_dict())
-    old.eval(); new.eval()
-    x = torch.randn(BS, 64, 16, 16)
-    torch.testing.assert_close(old(x), new(x))
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="head must be one of"):
-        ProjectionHead(st, FINAL, kind="linear")
-
-
 def test_aux_classifier_output():
     aux = AuxClassifier(stage(64, 16, 2), FINAL, n_out=10)
     assert pointwise_out_channels(aux) == [128, 256, 512]
@@ -202,14 +184,13 @@ def test_heads_backprop_to_input():
 # ---------------------------------------------------------------- ConvTrunk: channels-last, checkpointed blocks
 ST, FIN = StageInfo('layer1', 16, (16, 16), 4), StageInfo('layer4', 64, (2, 2), 32)
 SETTINGS = {'plain (NCHW, nothing recomputed)': dict(checkpoint=0, channels_last=False), 'default (first block recomputed)': dict(),
-            'every block recomputed': dict(checkpoint=True), 'every block, NCHW (CheckpointedSequential)': None}
+            'every block recomputed': dict(checkpoint=True), 'every block, NCHW': dict(checkpoint=True, channels_last=False)}
 
 
 def _trunks():
     "The trunk in every setting, on the same weights"
     torch.manual_seed(0)
-    ts = {k: conv_trunk(ST, FIN, **kw) if kw is not None else CheckpointedSequential(*conv_trunk(ST, FIN, checkpoint=0))
-          for k, kw in SETTINGS.items()}
+    ts = {k: conv_trunk(ST, FIN, **kw) for k, kw in SETTINGS.items()}
     ref = ts['plain (NCHW, nothing recomputed)']
     assert [t.n_checkpoint for t in ts.values()] == [0, 1, 3, 3] and [t.channels_last for t in ts.values()] == [False, True, True, False]
     for t in ts.values():
@@ -249,7 +230,7 @@ def test_checkpointed_blocks_keep_only_their_input():
     ts = _trunks()
     x = torch.randn(4, 16, 16, 16, requires_grad=True)
     saved = {k: _saved_bytes(t, x) for k, t in ts.items()}
-    assert saved['every block recomputed'] == saved['every block, NCHW (CheckpointedSequential)'] == x.numel() * 4  # the input, once
+    assert saved['every block recomputed'] == saved['every block, NCHW'] == x.numel() * 4  # the input, once
     plain = ts['plain (NCHW, nothing recomputed)']
     with torch.no_grad(): y = plain[0](x)  # the first block's output: what the later blocks save, from it on
     rest = _saved_bytes(nn.Sequential(*list(plain)[1:]), y.requires_grad_())

@@ -1,4 +1,4 @@
-"Tests of `fastai_cds.metrics`: ECE against hand computations, the fastai Metric against the function, reliability plots."
+"Tests of `fastai_cds.metrics`: ECE against hand computations, the fastai Metric against the function, reliability plots, the best epoch."
 import math
 
 import matplotlib
@@ -13,8 +13,9 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 
 from fastai_cds.baselines import DSNCallback
-from fastai_cds.data import digits_dls
-from fastai_cds.metrics import ExpectedCalibrationError, calibration_bins, ece, plot_reliability
+from fastai_cds.digits import digits_dls
+from fastai_cds.architectures import small_cnn
+from fastai_cds.metrics import BestMetrics, ExpectedCalibrationError, calibration_bins, ece, plot_reliability
 
 from helpers import no_bar, tiny_cnn
 
@@ -139,3 +140,16 @@ def test_plot_reliability_from_learner_and_from_preds(trained):
     assert list(line.get_xdata()) == [0, 1] and list(line.get_ydata()) == [0, 1]
     ax2 = plot_reliability((probs, ys), n_bins=10, title="mine")
     assert ax2.get_title() == "mine" and len(ax2.containers[0]) == len(expected)
+
+
+def test_best_metrics_picks_the_best_epoch():
+    "The highest validation accuracy over the epochs, the first epoch it came in, every metric then; a later get_preds leaves them"
+    learn = Learner(digits_dls(size=8, label_fraction=0.1), small_cnn(width=4), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
+                    cbs=BestMetrics())
+    with learn.no_bar(), learn.no_logging(): learn.fit(5, 1e-2)
+    values = [list(v) for v in learn.recorder.values]  # train_loss, valid_loss, accuracy of each epoch
+    accs = [v[2] for v in values]
+    with learn.no_bar(): learn.get_preds()  # it calls before_fit (the Recorder starts anew), not the fit's best
+    bm = learn.best_metrics
+    assert bm.best == max(accs) and bm.best_at == accs.index(max(accs))
+    assert bm.best_values == dict(zip(['train_loss', 'valid_loss', 'accuracy'], values[bm.best_at]))

@@ -43,6 +43,7 @@ CHILD = textwrap.dedent(r"""
     from fastai.vision.all import *
     from fastai.distributed import DistributedDL
     from fastai_cds.all import *
+    from fastai_cds.semi import UnlabelledViews
     out, rank = Path(sys.argv[1]), int(os.environ['RANK'])
     WS, B, M = (int(a) for a in sys.argv[2:5])
     items, _ = digits_items(1)
@@ -263,7 +264,8 @@ def test_semisup_kill_and_resume(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- one process
 def test_checkpoint_bad_input(tmp_path):
-    from fastai_cds.all import CheckpointCallback, arch_learner, labelled_data
+    from fastai_cds.all import CheckpointCallback
+    from fastai_cds.recipe import arch_learner, labelled_data
     with pytest.raises(ValueError, match='every must be an int >= 0'): CheckpointCallback(tmp_path/'ck.pth', every=-1)
     with pytest.raises(FileNotFoundError, match='no checkpoint at'): CheckpointCallback(tmp_path/'ck.pth', resume=True)
     dls = labelled_data('digits', 8, 32, label_fraction=0.1)[0]

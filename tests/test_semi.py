@@ -22,7 +22,7 @@ from fastai.vision.core import PILImageBW
 from fastai.vision.data import ImageBlock
 
 from fastai_cds.cds import CDSCallback
-from fastai_cds.data import digits_items
+from fastai_cds.digits import digits_items
 from fastai_cds.semi import SemiSupervisedCallback, UnlabelledViews, split_labelled
 from fastai_cds.views import simclr_tfms
 

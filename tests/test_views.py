@@ -15,9 +15,9 @@ from fastai.vision.augment import Resize  # noqa: E402
 from fastai.vision.core import PILImageBW  # noqa: E402
 from fastai.vision.data import ImageBlock  # noqa: E402
 
-from fastai_cds.data import digits_dls  # noqa: E402
+from fastai_cds.digits import digits_dls  # noqa: E402
 from fastai_cds.views import (  # noqa: E402
-    Cutout, HueRotate, RandomGrayscale, RandomResizedCropBatch, TwoViews, hue_rotation_mat, resized_crop_mat, show_views,
+    Cutout, RandomGrayscale, RandomResizedCropBatch, TwoViews, hue_rotation_mat, resized_crop_mat, show_views,
     simclr_tfms, two_view_dl, view_pipelines)
 
 BS = 16  # the batch size of `dls` (conftest.py): digits with the default (random) augmentation
@@ -208,7 +208,7 @@ def test_random_grayscale_train_only():
     assert torch.equal(RandomGrayscale(p=1.)(x, split_idx=1), x)
 
 
-# ---------------------------------------------------------------- HueRotate
+# ---------------------------------------------------------------- the hue turn
 def test_hue_rotation_mat_identity_luma_and_greys():
     h = torch.tensor([0., 0.1, -0.3, 0.5])
     m = hue_rotation_mat(h)
@@ -231,22 +231,6 @@ def test_hue_rotate_turns_like_torchvision():
     assert 0.67 < ratio < 1.5, ratio
     red = torch.bmm(hue_rotation_mat(torch.tensor([0.05])), torch.tensor([[[1.], [0.], [0.]]])).flatten().clamp(0, 1)
     assert red[0] > red[1] > red[2]
-
-
-def test_hue_rotate_per_image_p_and_passthrough():
-    x = img(torch.rand(1, 3, 8, 8).expand(16, 3, 8, 8).contiguous())
-    out = HueRotate(0.5, p=1.)(x, split_idx=0)
-    assert isinstance(out, TensorImage) and out.shape == x.shape
-    assert out.min() >= 0 and out.max() <= 1
-    d = (out - x).abs().flatten(1).amax(1)
-    assert (d > 1e-3).all() and len({round(v, 4) for v in d.tolist()}) > 1  # every image turned, each by its own amount
-    torch.testing.assert_close(HueRotate(0.5, p=0.)(x, split_idx=0), x, atol=1e-5, rtol=0)
-    x4 = img(torch.rand(1, 3, 8, 8).expand(400, 3, 8, 8).contiguous())
-    n_turned = int(((HueRotate(0.5, p=0.5)(x4, split_idx=0) - x4).abs().flatten(1).amax(1) > 1e-3).sum())
-    assert 150 < n_turned < 250, n_turned  # p is drawn per image
-    x1 = img(torch.rand(4, 1, 8, 8))
-    assert torch.equal(HueRotate(0.5, p=1.)(x1, split_idx=0), x1)  # 1-channel: nothing to turn
-    assert torch.equal(HueRotate(0.5, p=1.)(x, split_idx=1), x)  # validation: untouched
 
 
 # ---------------------------------------------------------------- simclr_tfms

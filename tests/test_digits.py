@@ -1,8 +1,8 @@
-"Tests of `fastai_cds.data`: scikit-learn's digits as DataLoaders, with stratified label fractions."
+"Tests of `fastai_cds.digits`: scikit-learn's digits as DataLoaders, with stratified label fractions."
 import numpy as np
 import pytest
 
-from fastai_cds.data import digits_dls, digits_items, digits_splits, stratified_fraction
+from fastai_cds.digits import digits_dls, digits_items, digits_splits, stratified_fraction
 
 N_DIGITS = 1797  # scikit-learn's digits
 
@@ -184,8 +184,8 @@ def test_in_memory_loader_gives_fastai_batches_and_exports_a_file_loader(tmp_pat
     "folder_tensor_dls vs fastai's ImageDataLoaders.from_folder on the same folder: same vocab, same validation batches; the export loads files"
     import torch
     from fastai.vision.all import ImageDataLoaders, Learner, CrossEntropyLossFlat, Normalize, get_image_files, load_learner, imagenet_stats, nn
-    from fastai_cds.data import TensorImageDL, folder_tensor_dls
-    from fastai_cds.training import smoke_folder
+    from fastai_cds.tensor_data import TensorImageDL, folder_tensor_dls
+    from fastai_cds.recipe import smoke_folder
     from fastai_cds.views import reference_views
     path = smoke_folder(16, 'test', n_train=4, n_valid=3)
     norm = [Normalize.from_stats(*imagenet_stats)]
@@ -212,7 +212,7 @@ def test_in_memory_loader_gives_fastai_batches_and_exports_a_file_loader(tmp_pat
 
 def test_tensor_images_bad_input():
     import torch
-    from fastai_cds.data import TensorImages
+    from fastai_cds.tensor_data import TensorImages
     with pytest.raises(ValueError, match=r"images must be \(n, c, h, w\) uint8 with one label each, got torch.float32"):
         TensorImages(torch.rand(4, 3, 8, 8), torch.zeros(4), vocab=['a'])
     with pytest.raises(ValueError, match="and 3 labels"):

@@ -1,11 +1,11 @@
-"""Tests of `fastai_cds.models`: `small_cnn`'s stages (as `find_stages` sees them), torchvision architectures by name
+"""Tests of `fastai_cds.architectures`: `small_cnn`'s stages (as `find_stages` sees them), torchvision architectures by name
 (`get_arch` and its messages), the CIFAR stem of ResNets."""
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
-from fastai_cds.models import cifar_resnet, cifar_stem, get_arch, small_cnn
+from fastai_cds.architectures import cifar_resnet, cifar_stem, get_arch, small_cnn
 from fastai_cds.stages import find_stages
 
 

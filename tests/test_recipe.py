@@ -1,4 +1,4 @@
-"""Tests of `fastai_cds.training`, what the recipes share: the reference step schedule, a method's callbacks by name,
+"""Tests of `fastai_cds.recipe`, what the recipes share:
 datasets from a local folder or a download (and the messages when neither works), labelled fractions, learners by
 architecture name, the fine-grained layouts, the smoke folder, result tables and the export check."""
 import re
@@ -8,66 +8,22 @@ from urllib.error import URLError
 import pytest
 import torch
 import torch.nn.functional as F
-from fastai.callback.schedule import ParamScheduler
 from fastai.data.external import URLs
 from fastcore.script import CliError
 from PIL import Image
 
-import fastai_cds.training as training
-from fastai_cds.baselines import DHMCallback, DKSCallback, DSNCallback
-from fastai_cds.cds import CDSCallback
-from fastai_cds.training import (METHODS, arch_learner, dataset_path, export_and_check, folder_dls, labelled_data, method_callbacks,
-                                 print_table, report, smoke_folder, split_table, step_schedule, url_of)
-from fastai_cds.views import simclr_tfms
+import fastai_cds.recipe as recipe
+from fastai_cds.recipe import (arch_learner, dataset_path, export_and_check, folder_dls, labelled_data, print_table, report, smoke_folder,
+                               split_table, url_of)
 
-from helpers import Spy, manual_valid, small_dls, tiny_cnn, tiny_learner
+from helpers import manual_valid, small_dls, tiny_cnn, tiny_learner
 
 pytestmark = pytest.mark.usefixtures('seeded')  # set_seed(0) before every test (conftest.py)
 
 
-# ---------------------------------------------------------------- step_schedule
-def test_step_schedule_values():
-    "lr, /10 at epochs 90, 180 and 280 of 300"
-    lr = 0.1
-    f = step_schedule(lr)
-    got = [float(f(torch.tensor(p))) for p in (0., 0.29, 0.31, 0.61, 0.95)]
-    assert got == pytest.approx([lr, lr, lr / 10, lr / 100, lr / 1000], rel=1e-6)
-    g = step_schedule(1., milestones=(1, 2), total=4, gamma=0.5)
-    assert [float(g(torch.tensor(p))) for p in (0.2, 0.3, 0.6, 0.99)] == pytest.approx([1., 0.5, 0.25, 0.25])
-
-
-def test_step_schedule_drives_a_fit():
-    "As fastai's ParamScheduler: 8 batches at positions k/8, milestones at 30%, 55%, 80%"
-    learn = tiny_learner(small_dls(n_train=64, bs=8))
-    lrs = []
-    learn.fit(1, cbs=[ParamScheduler({'lr': step_schedule(0.1, milestones=(30, 55, 80), total=100)}),
-                      Spy(100, before_batch=lambda: learn.training and lrs.append(learn.opt.hypers[-1]['lr']))])
-    assert lrs == pytest.approx([0.1] * 3 + [0.01] * 2 + [0.001] * 2 + [0.0001], rel=1e-6)
-
-
-# ---------------------------------------------------------------- method_callbacks
-def test_method_callbacks_by_name():
-    assert METHODS == ('base', 'dsn', 'dks', 'dhm', 'cds', 'cds-simclr')
-    assert method_callbacks('base') == []
-    (cds,) = method_callbacks('cds', verbose=False)
-    assert type(cds) is CDSCallback and cds.supervised and not cds.verbose and cds.view2_tfms is None
-    tfms = simclr_tfms(n_channels=1)
-    (simclr,) = method_callbacks('cds-simclr', view2_tfms=tfms, weight=0.3)
-    assert type(simclr) is CDSCallback and not simclr.supervised and simclr.view2_tfms is tfms and simclr.weight == 0.3
-    for name, cls in (('dsn', DSNCallback), ('dks', DKSCallback), ('dhm', DHMCallback)):
-        (cb,) = method_callbacks(name, verbose=False)
-        assert type(cb) is cls and not cb.verbose
-
-
-@pytest.mark.parametrize('bad', ['CDS', 'simclr', ''])
-def test_method_callbacks_bad_name(bad):
-    with pytest.raises(CliError, match=re.escape(f"method {bad!r}: pick one of base, dsn, dks, dhm, cds, cds-simclr")):
-        method_callbacks(bad)
-
-
 # ---------------------------------------------------------------- dataset_path, url_of
 def test_dataset_path_local_folder_wins(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, 'untar_data', lambda *a, **k: pytest.fail('downloaded although a folder was given'))
+    monkeypatch.setattr(recipe, 'untar_data', lambda *a, **k: pytest.fail('downloaded although a folder was given'))
     assert dataset_path('CIFAR', URLs.CIFAR, tmp_path) == tmp_path
     assert dataset_path('CIFAR', URLs.CIFAR, str(tmp_path)) == tmp_path
 
@@ -78,7 +34,7 @@ def test_dataset_path_messages(tmp_path, monkeypatch):
     with pytest.raises(CliError, match=re.escape(f"--path {tmp_path / 'nope'}: no such folder")):
         dataset_path('CIFAR', URLs.CIFAR, tmp_path / 'nope')
     def offline(url, *a, **k): raise URLError('no network')
-    monkeypatch.setattr(training, 'untar_data', offline)
+    monkeypatch.setattr(recipe, 'untar_data', offline)
     with pytest.raises(CliError, match=r"Could not download CIFAR from .*URLError.*no network.*pass the folder with --path") as e:
         dataset_path('CIFAR', URLs.CIFAR)
     assert URLs.CIFAR in str(e.value)
@@ -88,7 +44,7 @@ def test_dataset_path_messages(tmp_path, monkeypatch):
 
 def test_dataset_path_downloads_with_fastai(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(training, 'untar_data', lambda url: calls.append(url) or tmp_path)
+    monkeypatch.setattr(recipe, 'untar_data', lambda url: calls.append(url) or tmp_path)
     assert dataset_path('CIFAR', URLs.CIFAR) == tmp_path and calls == [URLs.CIFAR]
 
 
@@ -226,7 +182,7 @@ def test_layout_unknown(tmp_path):
 # ---------------------------------------------------------------- the paper's numbers and the best epoch
 def test_paper_tables_match_the_paper():
     "Tables 1-2 (CIFAR, ImageNet) and 5-6 (fine-grained, ResNet50, from scratch / fine-tuned), typed in from ../shared/cds-method.md"
-    from fastai_cds.training import PAPER_TOP1, paper_top1
+    from fastai_cds.recipe import PAPER_TOP1, paper_top1
     m = ('base', 'dsn', 'dks', 'dhm', 'cds')
     tables = {
         ('cifar100', 'resnet18'): (77.45, 78.30, 78.96, 78.82, 80.84), ('cifar100', 'resnet50'): (77.81, 78.96, 80.95, 81.12, 81.31),
@@ -242,16 +198,3 @@ def test_paper_tables_match_the_paper():
     for setting, numbers in tables.items():
         assert [paper_top1(*setting, method=k) for k in m] == list(numbers), setting
     assert paper_top1('cub', 'resnet50', method='cds') is None  # the fine-grained tables need the setting
-
-
-def test_best_metrics_picks_the_best_epoch():
-    "The highest validation accuracy over the epochs, the first epoch it came in, every metric then; a later get_preds leaves them"
-    from fastai_cds.training import BestMetrics
-    learn = arch_learner('cnn:4', labelled_data('digits', 8, 32, label_fraction=0.1)[0], cbs=BestMetrics())
-    with learn.no_bar(), learn.no_logging(): learn.fit(5, 1e-2)
-    values = [list(v) for v in learn.recorder.values]  # train_loss, valid_loss, accuracy of each epoch
-    accs = [v[2] for v in values]
-    with learn.no_bar(): learn.get_preds()  # it calls before_fit (the Recorder starts anew), not the fit's best
-    bm = learn.best_metrics
-    assert bm.best == max(accs) and bm.best_at == accs.index(max(accs))
-    assert bm.best_values == dict(zip(['train_loss', 'valid_loss', 'accuracy'], values[bm.best_at]))
