@@ -285,13 +285,13 @@ def test_cli_layer_before_training_only(event, one_line):
 
 def test_recipe_run_learner_and_no_bar(tmp_path, capsys):
     "`learner` adds the checkpoints (tagged), the speed-ups and, with --no-bar, one plain line per epoch"
-    run = RecipeRun('example', checkpoint=str(tmp_path/'ck.pth'), checkpoint_every=1, fp16=True, bar=False)
+    run = RecipeRun('example', checkpoint=str(tmp_path/'ck.pth'), checkpoint_every=1, channels_last=True, bar=False)
     learn = run.learner(tiny_learner(small_dls()), tag='teacher')
     names = [type(cb).__name__ for cb in learn.cbs]
-    assert 'ProgressCallback' not in names and {'EpochLog', 'CheckpointCallback', 'DeviceMixedPrecision'} <= set(names)
-    with run.training(learn): learn.fit(2)
+    assert 'ProgressCallback' not in names and {'EpochLog', 'CheckpointCallback', 'ChannelsLast'} <= set(names)
+    with run.training(learn): learn.fit(1)
     out = capsys.readouterr().out
-    assert '\r' not in out and [l.split()[0] for l in out.splitlines()] == ['epoch', '0', '1']
+    assert '\r' not in out and [l.split()[:2] for l in out.splitlines()] == [['epoch', 'train_loss'], ['0', f'{learn.recorder.values[0][0]:.6f}']]
     assert (tmp_path/'ck.teacher.pth').is_file()
 
 
