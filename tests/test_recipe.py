@@ -21,7 +21,11 @@ import fastai_cds.recipe as recipe
 from fastai_cds.recipe import (RecipeRun, arch_learner, dataset_path, export_and_check, folder_dls, labelled_data, print_table,
                                recipe_options, result_row, smoke_folder, split_table, url_of)
 
-from helpers import manual_valid, small_dls, tiny_cnn, tiny_learner
+from fastai_cds.views import Cutout
+from helpers import manual_valid, ours, small_dls, tiny_cnn, tiny_learner
+
+
+def ours_before(learn): return [type(t).__name__ for t in learn.dls.after_batch.fs if type(t).__module__.startswith('fastai_cds')]
 
 pytestmark = pytest.mark.usefixtures('seeded')  # set_seed(0) before every test (conftest.py)
 
@@ -113,7 +117,17 @@ def test_export_and_check(tmp_path, capsys):
     out = capsys.readouterr().out
     n = sum(p.numel() for p in tiny_cnn().parameters())
     assert f"exported the student to {tmp_path / 'm.pkl'}: a plain Sequential, {n:,} parameters" in out
-    assert Path(tmp_path / 'm.pkl').exists()
+    assert Path(tmp_path / 'm.pkl').exists() and not ours(tmp_path / 'm.pkl')
+
+
+def test_export_and_check_a_baseline_with_our_transforms(tmp_path):
+    "A baseline (no callback of ours on the Learner) whose DataLoaders carry our transforms still exports a plain Learner"
+    dls = small_dls()
+    dls.after_batch.add(Cutout(4))
+    learn = tiny_learner(dls, cds=[])
+    assert ours_before(learn) and not any(type(cb).__module__.startswith('fastai_cds') for cb in learn.cbs)
+    export_and_check(learn, tmp_path / 'm.pkl')
+    assert not ours(tmp_path / 'm.pkl') and ours_before(learn)  # and `learn` keeps them
 
 
 # ---------------------------------------------------------------- data of the semi-supervised and distillation recipes
