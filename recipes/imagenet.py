@@ -1,4 +1,4 @@
-"""ImageNet with contrastive deep supervision, or a baseline, in the reference code's setting (the paper's Table 2).
+"""ImageNet with contrastive deep supervision, or a baseline, in the reference code's setting (the paper's Table 3).
 
 The reference setting (ImageNet/Contrastive_Deep_Supervision/main.py) is the default: a torchvision ResNet18 (or 50),
 CDS with SupCon heads (weight 0.1, tau 0.07) on the 4 stages, the reference's two views (`reference_views('imagenet')`:
