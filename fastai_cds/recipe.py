@@ -107,9 +107,10 @@ def dataset_path(
         if not Path(path).is_dir(): raise FileNotFoundError(f"--path {path}: no such folder")
         return Path(path)
     if dataset not in DATASETS and url is None:
-        raise ValueError(f"--dataset {dataset}: not one of {', '.join(DATASETS)} nor a fastai URLs name in lower case (imagenette_160, ...); "
-                         "a folder of your own: pass it with --path")
-    if url is None: raise ValueError(f"{title} is not among fastai's datasets: download it yourself and pass its folder with --path ({layout})")
+        raise ValueError(f"--dataset {dataset}: not one of {', '.join(DATASETS)} nor a fastai URLs name in lower case "
+                         "(imagenette_160, ...); a folder of your own: pass it with --path")
+    if url is None:
+        raise ValueError(f"{title} is not among fastai's datasets: download it yourself and pass its folder with --path ({layout})")
     try: return rank0_then_others(untar_data, url)
     except Exception as e:
         raise ConnectionError(f"Could not download {title} from {url} ({type(e).__name__}: {e}). If this machine is offline, download and "
@@ -118,7 +119,8 @@ def dataset_path(
 def folder_dls(path:Path, size:int, bs:int, seed:int|None=None, **kwargs)->DataLoaders:
     "DataLoaders of an ImageNet-style folder (train/ and valid/, val/ or test/): resized, fastai's default augmentation"
     valid = next((v for v in ('valid', 'val', 'test') if (Path(path)/v).is_dir()), None)
-    if valid is None or not (Path(path)/'train').is_dir(): raise FileNotFoundError(f"{path} has no train/ and valid/, val/ or test/ folders")
+    if valid is None or not (Path(path)/'train').is_dir():
+        raise FileNotFoundError(f"{path} has no train/ and valid/, val/ or test/ folders")
     return ImageDataLoaders.from_folder(path, train='train', valid=valid, item_tfms=Resize(size), bs=bs, seed=seed,
                                         batch_tfms=[*aug_transforms(), Normalize.from_stats(*imagenet_stats)], **kwargs)
 
@@ -181,7 +183,8 @@ def _find(path:Path, name:str)->Path|None:
     return next((f for pat in (name, f'*/{name}', f'*/*/{name}') for f in sorted(path.glob(pat))), None)
 
 def _table(path:Path, files:list, labels:list, valid:list)->pd.DataFrame:
-    return pd.DataFrame({'file': [str(Path(f).relative_to(path)) for f in files], 'label': [str(l) for l in labels], 'is_valid': list(valid)})
+    return pd.DataFrame({'file': [str(Path(f).relative_to(path)) for f in files], 'label': [str(l) for l in labels],
+                         'is_valid': list(valid)})
 
 def _imagenet_style(path:Path)->pd.DataFrame|None:
     "train/ and valid/, val/ or test/ folders with a subfolder per class"
@@ -219,11 +222,12 @@ def split_table(path:Path)->pd.DataFrame:
     "(file relative to `path`, label, is_valid) for every image, from the first layout of `path` that fits"
     for read in (_imagenet_style, _cub_split, _cars_annos, _split_lists):
         if (df := read(Path(path))) is not None and len(df) and df.is_valid.any() and not df.is_valid.all(): return df
-    raise ValueError(f"{path}: not a layout this recipe reads: {FOLDER_LAYOUTS}. Convert it to an ImageNet-style folder and pass that with --path.")
+    raise ValueError(f"{path}: not a layout this recipe reads: {FOLDER_LAYOUTS}. "
+                     "Convert it to an ImageNet-style folder and pass that with --path.")
 
 # %% ../nbs/23_recipe.ipynb #1c0e62e2
 def smoke_folder(size:int, valid:str='valid', n_train:int=3, n_valid:int=2)->Path:
-    "An ImageNet-style folder of scikit-learn's digits (train/ and `valid`/, a subfolder per class) in a temporary directory, removed at exit"
+    "An ImageNet-style folder of scikit-learn's digits (train/ and `valid`/, a subfolder per class) in a temporary folder removed at exit"
     root = Path(tempfile.mkdtemp(prefix='cds_smoke_'))
     atexit.register(shutil.rmtree, root, True)
     seen = {}
@@ -248,7 +252,7 @@ def result_row(
     secs:float|None=None, # training time
     top5:bool=False, # a top-5 column
 )->dict:
-    "Validation top-1 (and top-5), the best epoch's if `learn` has `BestMetrics`, calibration error and loss; every rank calls it, inside `distributed`"
+    "Validation top-1 (and top-5), the best epoch's (`BestMetrics`), calibration error and loss; every rank calls it, inside `distributed`"
     with learn.no_bar(): probs, targs, losses = learn.get_preds(with_loss=True)  # the whole validation set, gathered from every process
     row = {**setting, 'top-1 (%)': f'{accuracy(probs, targs).item()*100:.2f}'}
     if top5: row['top-5 (%)'] = f'{top_k_accuracy(probs, targs, k=5).item()*100:.2f}'
@@ -271,15 +275,16 @@ def print_table(rows:dict|list[dict]):
     for line in (cells[0], ['-'*n for n in w], *cells[1:]): rank0_print('| ' + ' | '.join(s.ljust(n) for s,n in zip(line, w)) + ' |')
 
 def export_and_check(learn:Learner, fname:str|Path, what:str='model'):
-    "Export the plain `learn` to `fname` (its folder made if need be), load it back and say what it holds; in a distributed run every rank calls it, rank 0 writes and prints"
+    "Export the plain `learn` to `fname` (its folder made), load it back, say what it holds; every rank calls it, rank 0 writes and prints"
     fname = Path(fname).absolute()
     fname.parent.mkdir(parents=True, exist_ok=True)
     with plain_learner(learn): Learner.export(learn, fname)  # our transforms out too when no callback of ours is on `learn` (a baseline)
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='load_learner` uses', category=UserWarning)  # fastai's, about a file we just wrote
         loaded = load_learner(fname)  # fastai's: the other ranks wait there for rank 0's file
-    rank0_print(f"exported the {what} to {fname}: a plain {type(loaded.model).__name__}, {sum(p.numel() for p in loaded.model.parameters()):,} "
-          "parameters (load_learner needs no fastai_cds)")
+    n = sum(p.numel() for p in loaded.model.parameters())
+    rank0_print(f"exported the {what} to {fname}: a plain {type(loaded.model).__name__}, {n:,} parameters "
+                "(load_learner needs no fastai_cds)")
     distrib_barrier()  # every process has read it: rank 0 may remove its folder
 
 # %% ../nbs/23_recipe.ipynb #2ebc3128
@@ -294,7 +299,8 @@ class EpochLog(ScopedCallback):
     def after_fit(self): self.learn.logger = self.old
     def _print(self, row):
         if self.widths is None: self.widths = [max(len(str(n)), 8) + 2 for n in row]
-        print(''.join(f'{v:.6f}'.ljust(w) if isinstance(v, float) else str(v).ljust(w) for v,w in zip(row, self.widths)).rstrip(), flush=True)
+        cells = [f'{v:.6f}' if isinstance(v, float) else str(v) for v in row]
+        print(''.join(c.ljust(w) for c,w in zip(cells, self.widths)).rstrip(), flush=True)
 
 # %% ../nbs/23_recipe.ipynb #3d1cb5c4
 Switch = Annotated[bool, {'action': argparse.BooleanOptionalAction}]  # an option with both --flag and --no-flag, whatever its default
@@ -303,12 +309,12 @@ class RecipeRun:
     "A recipe's run as the options every recipe shares ask: joined processes, seeds, the data, learners, the result table, the export"
     def __init__(self,
         name:str, # the recipe ('cifar', ...): its default export is `<name>.pkl`
-        path:str=None, # a local copy of the dataset instead of fastai's download: train/ and valid/, val/ or test/ folders, one subfolder per class (the recipe's header says which)
+        path:str=None, # a local copy of the dataset instead of fastai's download (train/ and valid/, val/ or test/: see the recipe)
         workers:int=None, # DataLoader worker processes (none given: fastai's default; --smoke: 0)
-        pretrained:Switch=False, # start from ImageNet weights (torchvision architectures, downloaded once); on by default where the paper fine-tunes
-        wd:float=1e-2, # weight decay: L2 on every parameter with the reference's SGD (cifar, imagenet), decoupled and not on BatchNorm or biases with fastai's Adam (the other recipes)
+        pretrained:Switch=False, # start from ImageNet weights (torchvision architectures); on by default where the paper fine-tunes
+        wd:float=1e-2, # weight decay: SGD's L2 on every parameter (cifar, imagenet: the reference's), else Adam's decoupled (fastai's)
         seed:int=0, # seed of Python's, NumPy's and torch's generators: the splits, the initialisation, the augmentation
-        fp16:bool=False, # mixed precision: bfloat16 autocast where the device supports it (CPUs, recent GPUs), else float16 with loss scaling; losses in fp32
+        fp16:bool=False, # mixed precision: bfloat16 autocast where the device has it (CPUs, recent GPUs), else float16; losses in fp32
         channels_last:bool=False, # channels-last memory format (fastai's ChannelsLast callback)
         compile:bool=False, # torch.compile the model with its heads (CompileCallback; the export is the plain model)
         sync_bn:bool=False, # under N processes on GPUs: BatchNorm statistics over all processes' batches (nn.SyncBatchNorm)
@@ -316,18 +322,18 @@ class RecipeRun:
         checkpoint:str='checkpoint.pth', # the file of --checkpoint-every and --resume (a recipe training two models: FILE.<model>.pth each)
         checkpoint_every:int=0, # save the state of training every N epochs and after the last (0: never)
         resume:bool=False, # continue the run saved in --checkpoint: the epochs done are skipped, the schedule goes on where it stopped
-        export:str=None, # where to export the trained model, a plain fastai Learner that load_learner loads without fastai_cds; none given: <recipe>.pkl (cifar.pkl, ...) in the current folder, under --smoke in a temporary one; '': no export
-        smoke:bool=False, # a tiny run of the whole code path on digits (no download, 1 epoch, export included, nothing left behind): checks the setup in seconds
+        export:str=None, # where to export the plain Learner (no fastai_cds needed); default ./<recipe>.pkl, --smoke: a temp one; '': none
+        smoke:bool=False, # a tiny run of the whole code path on digits: no download, 1 epoch, export included, nothing left behind
         bar:Switch=True, # fastai's progress bars (--no-bar: one plain line per epoch, for logs)
     ):
         store_attr()
         if smoke: self.workers, self.path = 0, None  # digits, in the main process
-        self.rank, self.n_procs = init_distributed()  # launched on N processes (torchrun, accelerate launch): join them, this process's device first
+        self.rank, self.n_procs = init_distributed()  # launched on N processes (torchrun, accelerate launch): join them
         set_seed(seed)
         self.rows, self.start = [], None
 
     def data_path(self, dataset:str, valid:str='valid', smoke_size:int=40)->Path:
-        "The folder of `dataset`: --path or fastai's download; under --smoke, digit images of `smoke_size` px written on the spot (train/ and `valid`/)"
+        "The folder of `dataset`: --path or fastai's download; under --smoke, digits of `smoke_size` px written on the spot"
         return smoke_folder(smoke_size, valid) if self.smoke else dataset_path(dataset, self.path)
 
     def learner(self, learn:Learner, tag:str='', first:bool=True)->Learner:
@@ -344,7 +350,8 @@ class RecipeRun:
 
     def report(self, learn:Learner, setting:dict, paper:float|None=None, top5:bool=False):
         "A row of the result table: `result_row` of `learn`, inside `training` (every process calls it)"
-        if self.smoke and 'dataset' in setting: setting = {**setting, 'dataset': setting['dataset'] + (' (smoke)' if setting['dataset'] == 'digits' else ' (smoke: digits)')}
+        if self.smoke and 'dataset' in setting:
+            setting = {**setting, 'dataset': setting['dataset'] + (' (smoke)' if setting['dataset'] == 'digits' else ' (smoke: digits)')}
         self.rows.append(result_row(learn, setting, paper, None if self.start is None else time.perf_counter() - self.start, top5))
 
     def finish(self, learn:Learner|None, what:str='model'):
@@ -365,7 +372,7 @@ def _fastai_prefix(msg:str)->str:
     return re.sub(r"^Exception occured in `\w+` when calling event `\w+`:\s*", '', msg)
 
 def user_error(e:BaseException, files:tuple=())->str|None:
-    "The one-line message of `e` if a user can fix it (a `FIXABLE` error raised in fastai_cds or `files` before a fit's first batch), else None"
+    "The one-line message of `e` if a user can fix it: a `FIXABLE` error raised in fastai_cds or `files` before a fit's first batch"
     frames = [f.f_code for f,_ in traceback.walk_tb(e.__traceback__)]
     if not isinstance(e, FIXABLE) or not frames or Learner.all_batches.__code__ in frames: return None
     where = Path(frames[-1].co_filename).resolve()
@@ -376,7 +383,7 @@ def recipe_options(
     but:str='', # shared options that do not apply to the recipe, separated by spaces
     **defaults, # the recipe's own default of a shared option (e.g. pretrained=True)
 )->Callable:
-    "Decorator of a recipe's `main(own options..., **kwargs)`: `RecipeRun`'s options in its signature, and one-line messages for the errors a user can fix"
+    "Decorator of a recipe's `main(own options..., **kwargs)`: `RecipeRun`'s options in its signature, one line for a user's errors"
     def _f(f:Callable)->Callable:
         @wraps(f)
         def main(*args, **kwargs):
@@ -390,8 +397,9 @@ def recipe_options(
         main.__annotations__ = dict(f.__annotations__)  # its own: `delegates` adds to it
         delegates(RecipeRun, but=but.split())(main)
         sig, own = inspect.signature(main), inspect.signature(f).parameters
-        if (unknown := set(defaults) - set(sig.parameters)): raise TypeError(f"recipe_options: no shared option {', '.join(sorted(unknown))}")
-        types = get_type_hints(RecipeRun.__init__, include_extras=True)  # the types, not their names (this module's annotations are strings)
+        if (unknown := set(defaults) - set(sig.parameters)):
+            raise TypeError(f"recipe_options: no shared option {', '.join(sorted(unknown))}")
+        types = get_type_hints(RecipeRun.__init__, include_extras=True)  # the types, not their names (our annotations are strings)
         main.__signature__ = sig.replace(parameters=[p if k in own else p.replace(default=defaults.get(k, p.default), annotation=types[k])
                                                      for k,p in sig.parameters.items()])
         main.__annotations__.update({k: types[k] for k in sig.parameters if k not in own})

@@ -30,7 +30,7 @@ def main(
     bs:int=128, # batch size (CDS also runs a second view of each image)
     lr:float=0.1, # learning rate (one-cycle: the peak)
     cutout:int=16, # side of view 1's Cutout square in pixels (0: no Cutout)
-    in_memory:Switch=True, # decode the images once (by --workers processes) into one uint8 tensor, batches by indexing it (--no-in-memory: fastai's per-item loading)
+    in_memory:Switch=True, # decode the images once (by --workers processes), batches index them (--no-in-memory: fastai's per-item loading)
     **kwargs):
     "Train a ResNet on CIFAR-10/100 with CDS or a baseline, print the last and best validation metrics as a table, export the model"
     run = RecipeRun('cifar', **kwargs)
@@ -39,14 +39,14 @@ def main(
     if run.smoke: epochs, bs = 1, 8
     views = reference_views('cifar', size, cutout=cutout*size//32)
     path = run.data_path(dataset, 'test', smoke_size=size)
-    dls = (folder_tensor_dls(path, 'test', bs, views.batch_tfms, num_workers=run.workers) if in_memory else
-           ImageDataLoaders.from_folder(path, valid='test', bs=bs, num_workers=run.workers, item_tfms=views.item_tfms, batch_tfms=views.batch_tfms))
+    dls = (folder_tensor_dls(path, 'test', bs, views.batch_tfms, num_workers=run.workers) if in_memory else ImageDataLoaders.from_folder(
+           path, valid='test', bs=bs, num_workers=run.workers, item_tfms=views.item_tfms, batch_tfms=views.batch_tfms))
     model = cifar_resnet(arch, dls.c) if cifar_stem else get_arch(arch)(num_classes=dls.c)
     cbs = method_callbacks(method, view2_tfms=views.view2_tfms, cross_rank=run.cross_rank) + [BestMetrics()]
     learn = run.learner(reference_learner(dls, model, run.wd, accuracy, cbs))
     with run.training(learn):
         if schedule == 'reference': learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr)}))
         else: learn.fit_one_cycle(epochs, lr)
-        run.report(learn, dict(dataset=dataset, arch=arch + (' (CIFAR stem)' if cifar_stem else ''), method=method, schedule=schedule, epochs=epochs),
-                   paper_top1(dataset, arch, method=method) if cifar_stem else None)  # the paper's ResNets have the CIFAR stem
+        run.report(learn, dict(dataset=dataset, arch=arch + (' (CIFAR stem)' if cifar_stem else ''), method=method, schedule=schedule,
+                               epochs=epochs), paper_top1(dataset, arch, method=method) if cifar_stem else None)  # the paper's: CIFAR stem
     run.finish(learn)

@@ -34,7 +34,7 @@ def main(
     method:str='cds+kd', # how the student learns: student, kd, cds or cds+kd
     teacher:str='cnn:64', # teacher architecture: cnn, cnn:WIDTH or a torchvision name (resnet34, ...)
     student:str='cnn', # student architecture: cnn (the quickstart's small_cnn), cnn:WIDTH or a torchvision name
-    dataset:str='digits', # digits (embedded), cifar10, cifar100, imagenet or a fastai dataset's URLs name in lower case (downloaded; --path: a local copy)
+    dataset:str='digits', # digits (embedded), cifar10, cifar100, imagenet or a fastai URLs name in lower case (--path: a local copy)
     label_fraction:float=0.1, # stratified fraction of the training labels kept (teacher and student)
     epochs:int=30, # student epochs
     teacher_epochs:int=30, # teacher epochs
@@ -56,10 +56,12 @@ def main(
     v2 = simclr_tfms(n_channels=1, flip=False) if dataset == 'digits' else None  # None: the default view 2
     labels, cds = f'{label_fraction:.0%}', lambda **kw: CDSCallback(view2_tfms=v2, cross_rank=run.cross_rank, **kw)
     new_teacher = lambda: arch_learner(teacher, dls, [cds()], run.pretrained, wd=run.wd)
-    t = load_teacher(new_teacher, str(Path(teacher_file.removesuffix('.pth')).absolute())) if teacher_file else run.learner(new_teacher(), tag='teacher')
+    if teacher_file: t = load_teacher(new_teacher, str(Path(teacher_file.removesuffix('.pth')).absolute()))
+    else: t = run.learner(new_teacher(), tag='teacher')
     with run.training(t):  # the teacher's row before the student's training: a teacher in train mode moves its BatchNorm statistics
         if not teacher_file: t.fit_one_cycle(teacher_epochs, lr)
-        run.report(t, dict(dataset=dataset, labels=labels, model='teacher', arch=teacher, method='cds', epochs='loaded' if teacher_file else teacher_epochs))
+        run.report(t, dict(dataset=dataset, labels=labels, model='teacher', arch=teacher, method='cds',
+                           epochs='loaded' if teacher_file else teacher_epochs))
     if save_teacher: t.save(Path(save_teacher.removesuffix('.pth')).absolute())
     weight, distiller = reference_distillation(t, setting, features=features, teacher_bn_train=not teacher_eval)
     cbs = {'student': [], 'kd': [KDCallback(t, T=distiller.T, kl=distiller.kl, teacher_bn_train=not teacher_eval)],

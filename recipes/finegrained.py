@@ -38,19 +38,21 @@ def main(
     **kwargs):
     "Fine-tune (or train from scratch) a ResNet on a fine-grained dataset with CDS or a baseline, print the metrics, export the model"
     run = RecipeRun('finegrained', **kwargs)
-    if dataset not in ('cub', 'cars', 'flowers', 'dogs', 'aircraft'): raise ValueError(f"--dataset {dataset}: pick cub, cars, flowers, dogs or aircraft")
+    if dataset not in ('cub', 'cars', 'flowers', 'dogs', 'aircraft'):
+        raise ValueError(f"--dataset {dataset}: pick cub, cars, flowers, dogs or aircraft")
     if run.smoke: size, bs, epochs = 32, 8, 1
     epochs, lr = epochs or (30 if run.pretrained else 150), lr or (2e-3 if run.pretrained else 8e-3)
     path = run.data_path(dataset)
-    dls = ImageDataLoaders.from_df(split_table(path), path, fn_col='file', label_col='label', valid_col='is_valid', bs=bs, num_workers=run.workers,
-                                   item_tfms=PresizeItems(size*8//7, size), batch_tfms=[*setup_aug_tfms([RandomResizedCropBatch(size, 0.35), *aug_transforms()]),
-                                   Normalize.from_stats(*imagenet_stats)])  # every random crop per image on the batch: the views stay independent
+    crops = setup_aug_tfms([RandomResizedCropBatch(size, 0.35), *aug_transforms()])  # every crop per image, on the batch: independent views
+    dls = ImageDataLoaders.from_df(split_table(path), path, fn_col='file', label_col='label', valid_col='is_valid', bs=bs,
+                                   num_workers=run.workers, item_tfms=PresizeItems(size*8//7, size),
+                                   batch_tfms=[*crops, Normalize.from_stats(*imagenet_stats)])
     cbs = method_callbacks(method, view2_tfms=simclr_tfms(size=size), cross_rank=run.cross_rank)  # view 2 cropped from the presized image
     learn = run.learner(arch_learner(arch, dls, cbs, pretrained=run.pretrained and not run.smoke, wd=run.wd))  # smoke: no weights offline
     with run.training(learn):
         if run.pretrained: learn.fine_tune(epochs, lr, freeze_epochs=freeze_epochs)
         else: learn.fit_one_cycle(epochs, lr)
-        run.report(learn, dict(dataset=dataset, arch=arch, weights='ImageNet' if run.pretrained and not run.smoke else 'random', method=method,
-                               training=f'fine_tune {freeze_epochs}+{epochs}' if run.pretrained else f'one-cycle {epochs}'),
+        run.report(learn, dict(dataset=dataset, arch=arch, weights='ImageNet' if run.pretrained and not run.smoke else 'random',
+                               method=method, training=f'fine_tune {freeze_epochs}+{epochs}' if run.pretrained else f'one-cycle {epochs}'),
                    paper_top1(dataset, arch, 'pretrained' if run.pretrained else 'scratch', method=method))
     run.finish(learn)

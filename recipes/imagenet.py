@@ -46,6 +46,6 @@ def main(
     learn = run.learner(reference_learner(dls, model, run.wd, [accuracy, partial(top_k_accuracy, k=5)], cbs))
     with run.training(learn):
         learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr, (30, 60), 90)}))
-        run.report(learn, dict(dataset='imagenet', arch=arch + (' (reference stem)' if reference_stem else ''), method=method, epochs=epochs),
-                   paper_top1('imagenet', arch, method=method), top5=True)
+        run.report(learn, dict(dataset='imagenet', arch=arch + (' (reference stem)' if reference_stem else ''), method=method,
+                               epochs=epochs), paper_top1('imagenet', arch, method=method), top5=True)
     run.finish(learn)

@@ -26,9 +26,12 @@ def main(
     for method in ('base', 'cds'):
         set_seed(run.seed)  # both models: the same split, initialisation and augmentation
         dls = digits_dls(size=size, label_fraction=label_fraction, seed=run.seed, bs=bs)
-        cbs = [CDSCallback(view2_tfms=simclr_tfms(n_channels=1, flip=False), cross_rank=run.cross_rank, verbose=False)] if method == 'cds' else []
-        learn = run.learner(Learner(dls, small_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, wd=run.wd), tag=method, first=method == 'base')
+        v2 = simclr_tfms(n_channels=1, flip=False)  # no flip: digits are not mirror-symmetric
+        cbs = [CDSCallback(view2_tfms=v2, cross_rank=run.cross_rank, verbose=False)] if method == 'cds' else []
+        learn = run.learner(Learner(dls, small_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, wd=run.wd),
+                            tag=method, first=method == 'base')
         with run.training(learn), learn.no_bar(), learn.no_logging():
             learn.fit_one_cycle(epochs, lr)
-            run.report(learn, dict(dataset='digits', labels=f'{label_fraction:.0%}', method='CDS' if method == 'cds' else 'baseline', epochs=epochs))
+            run.report(learn, dict(dataset='digits', labels=f'{label_fraction:.0%}', method={'base': 'baseline', 'cds': 'CDS'}[method],
+                                   epochs=epochs))
     run.finish(learn, 'CDS model')

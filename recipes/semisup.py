@@ -25,7 +25,7 @@ from fastai_cds.recipe import *
 @recipe_options()
 def main(
     method:str='semi', # base (labelled part, plain), cds (labelled part, CDS) or semi (labelled part + unlabelled rest, CDS)
-    dataset:str='digits', # digits (embedded), cifar10, cifar100 or a fastai dataset's URLs name in lower case (downloaded; --path: a local copy)
+    dataset:str='digits', # digits (embedded), cifar10, cifar100 or a fastai URLs name in lower case (--path: a local copy)
     label_fraction:float=0.1, # stratified fraction of the training items that keep their label; the rest is unlabelled
     arch:str='cnn', # cnn (the quickstart's small_cnn) or a torchvision name (resnet18, ...)
     epochs:int=30, # training epochs (an epoch is one pass over the labelled part)
@@ -42,10 +42,11 @@ def main(
     dls, udl = labelled_data(dataset, size, bs, label_fraction, run.seed, 0.05 if run.smoke else 0.2, max(1, round(unlabelled_ratio*bs)),
                              run.path, num_workers=run.workers)
     v2 = simclr_tfms(n_channels=1, flip=False) if dataset == 'digits' else None  # None: the default view 2
-    cbs = [] if method == 'base' else [CDSCallback(weight=weight, view2_tfms=v2, cross_rank=run.cross_rank, unlabelled=udl if method == 'semi' else None)]
-    learn = run.learner(arch_learner(arch, dls, cbs + [BestMetrics()], run.pretrained, wd=run.wd))
+    cds = CDSCallback(weight=weight, view2_tfms=v2, cross_rank=run.cross_rank, unlabelled=udl if method == 'semi' else None)
+    learn = run.learner(arch_learner(arch, dls, ([] if method == 'base' else [cds]) + [BestMetrics()], run.pretrained, wd=run.wd))
     with run.training(learn):
         learn.fit_one_cycle(epochs, lr)
-        run.report(learn, dict(dataset=dataset, labels=f"{label_fraction:.0%}: {len(dls.train_ds)} labelled, {len(udl.dataset) if udl else 0} unlabelled"
-                               + ('' if method == 'semi' else ' (not used)'), arch=arch, method=method, epochs=epochs))
+        unlabelled = f"{len(udl.dataset) if udl else 0} unlabelled" + ('' if method == 'semi' else ' (not used)')
+        run.report(learn, dict(dataset=dataset, labels=f"{label_fraction:.0%}: {len(dls.train_ds)} labelled, {unlabelled}", arch=arch,
+                               method=method, epochs=epochs))
     run.finish(learn)
