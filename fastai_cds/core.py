@@ -19,7 +19,7 @@ from .callback import ScopedCallback
 # %% auto #0
 __all__ = ['LossTerms', 'add_loss_terms', 'set_loss', 'LossTermCallback', 'attach_heads', 'attach_aux', 'DeepSupervisionCallback']
 
-# %% ../nbs/09_core.ipynb #0496e282
+# %% ../nbs/09_core.ipynb #c47b4ec3
 class LossTerms(ScopedCallback):
     "Record the loss terms of the callbacks that declare `term_names`: epoch means in the Recorder, every batch in `history`"
     order = Recorder.order + 5
@@ -38,7 +38,8 @@ class LossTerms(ScopedCallback):
         buf[n] = v
         self.logs[k] = (buf, n+1)
     def _find_sources(self):
-        self.sources = sorted([cb for cb in self.learn.cbs if hasattr(cb, 'term_names') and hasattr(cb, 'terms') and cb is not self], key=lambda cb: cb.order)
+        sources = [cb for cb in self.learn.cbs if hasattr(cb, 'term_names') and hasattr(cb, 'terms') and cb is not self]
+        self.sources = sorted(sources, key=lambda cb: cb.order)
         self.names = list(dict.fromkeys(n for cb in self.sources for n in cb.term_names))
         for n in self.names: self.logs.setdefault(n, (None, 0))
     def before_fit(self):
@@ -72,6 +73,7 @@ class LossTerms(ScopedCallback):
         ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
 
+# %% ../nbs/09_core.ipynb #0a671138
 def add_loss_terms(learn:Learner)->LossTerms:
     "The Learner's `LossTerms` callback, added if missing"
     lt = next((cb for cb in learn.cbs if isinstance(cb, LossTerms)), None)
@@ -81,8 +83,10 @@ def add_loss_terms(learn:Learner)->LossTerms:
 def set_loss(cb:Callback, loss:Tensor, terms:dict[str,Tensor]):
     "In `after_loss`: make `loss` the learner's (to backpropagate and to log) and `terms` what `LossTerms` records for `cb`"
     cb.learn.loss_grad, cb.learn.loss = loss, loss.detach().clone()
-    cb.terms = {k: v.as_subclass(Tensor).detach() for k,v in terms.items()}  # plain tensors: a subclass's `detach` is a view keeping another tensor alive
+    # plain tensors: a subclass's `detach` is a view keeping another tensor alive
+    cb.terms = {k: v.as_subclass(Tensor).detach() for k,v in terms.items()}
 
+# %% ../nbs/09_core.ipynb #7408c247
 class LossTermCallback(ScopedCallback):
     "Base of the callbacks that add terms to the loss: joining a Learner, it brings `LossTerms` and its `companions`"
     term_names, companions = [], []
@@ -94,7 +98,7 @@ class LossTermCallback(ScopedCallback):
         "The `companions` leave `learn` with it"
         learn.remove_cbs([cb for cb in self.companions if cb in learn.cbs])
 
-# %% ../nbs/09_core.ipynb #4fa44267
+# %% ../nbs/09_core.ipynb #39658078
 def _rebuild_opt(learn:Learner):
     "Make `learn.opt` again for new parameters, keeping the old one's hyper-parameters, frozen groups and state"
     old = learn.opt
@@ -111,6 +115,7 @@ def attach_heads(learn:Learner, heads:nn.ModuleList, stages:list[str|StageInfo])
     _rebuild_opt(learn)
     return ds
 
+# %% ../nbs/09_core.ipynb #3296edd3
 def attach_aux(learn:Learner, name:str, module:nn.Module):
     "Add `module` to the training-time modules of `learn.model` (trained and saved with the heads, never exported)"
     learn.model.aux[name] = module
@@ -155,8 +160,10 @@ class DeepSupervisionCallback(LossTermCallback):
 
     def before_fit(self):
         self.setup()
-        if self.dls.n_inp != 1: raise ValueError(f"{type(self).__name__} supports models with one input; these DataLoaders have {self.dls.n_inp}")
-        if self.dls.train.bs < 2: raise ValueError(f"{type(self).__name__} needs a batch size of at least 2 (got {self.dls.train.bs}): pass a larger `bs` to the DataLoaders")
+        if self.dls.n_inp != 1: raise ValueError(f"{type(self).__name__} supports models with one input; these DataLoaders have "
+                                                 f"{self.dls.n_inp}")
+        if self.dls.train.bs < 2: raise ValueError(f"{type(self).__name__} needs a batch size of at least 2 (got {self.dls.train.bs}): "
+                                                   "pass a larger `bs` to the DataLoaders")
         if self.verbose and not self._shown and not rank_distrib():  # one process prints, of a distributed run's N
             print(f"{type(self).__name__}: {len(self.stages)} heads on " + ', '.join(map(repr, self.stages)))
             self._shown = True

@@ -16,22 +16,24 @@ from fastai.torch_core import num_distrib, rank_distrib
 __all__ = ['init_distributed', 'whole_set', 'batchnorm_types', 'revert_sync_batchnorm', 'distributed', 'rank0_then_others',
            'rank0_print']
 
-# %% ../nbs/21_parallel.ipynb #2869a6d8
+# %% ../nbs/21_parallel.ipynb #ba2fe247
 def _teardown():
     if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
 
 def init_distributed()->tuple[int, int]:
-    "(rank, number of processes); launched on N processes, join them and take this process's device first, as fastai's `DistributedTrainer` does"
+    "(rank, number of processes); launched on N processes, join them, this process's device first (as fastai's `DistributedTrainer`)"
     if num_distrib() <= 1: return 0, 1
     from accelerate import PartialState  # here: accelerate (which fastai.distributed needs) is imported only in a distributed run
     state = PartialState(cpu=not torch.cuda.is_available())  # NCCL and the local GPU, or gloo on CPUs
     atexit.register(_teardown)
     return state.process_index, state.num_processes
 
+# %% ../nbs/21_parallel.ipynb #1bf299f8
 def whole_set(metric):
-    "`metric` on the whole validation set under DDP: fastai's `AvgMetric` (a mean of batch values) as an `AccumMetric` of the gathered predictions"
+    "`metric` on the whole validation set under DDP: fastai's `AvgMetric` (a mean of batch values) as an `AccumMetric`"
     return AccumMetric(metric.func, flatten=False) if type(metric) is AvgMetric else metric
 
+# %% ../nbs/21_parallel.ipynb #d5c4944e
 @contextmanager
 def _gloo_broadcast():
     "fastai's `DistributedDL` broadcasts its index list as a CUDA tensor (NCCL): for the block, the same broadcast of a CPU tensor (gloo)"
@@ -60,12 +62,13 @@ def revert_sync_batchnorm(model:nn.Module, types:dict)->nn.Module:
         setattr(model.get_submodule(parent), child, bn)
     return model
 
+# %% ../nbs/21_parallel.ipynb #9b3b5a47
 @contextmanager
 def distributed(
     learn:Learner,
     sync_bn:bool=False, # BatchNorm statistics over the batches of all processes (`nn.SyncBatchNorm`, GPUs only)
 ):
-    "The block (fits, `get_preds`, `validate`) runs as fastai's distributed data parallel training when launched on N processes; in one, as it is"
+    "The block (fits, `get_preds`, `validate`) runs as fastai's distributed data parallel training on N processes; in one, as it is"
     if num_distrib() <= 1: yield learn; return
     cuda = torch.cuda.is_available()
     if sync_bn and not cuda: raise ValueError("sync_bn (--sync-bn): torch's SyncBatchNorm runs on GPUs only; on CPUs train without it")

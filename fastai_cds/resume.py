@@ -26,7 +26,8 @@ class CheckpointCallback(ScopedCallback, SkipToEpoch):
         if not (isinstance(every, int) and every >= 0): raise ValueError(f"CheckpointCallback: every must be an int >= 0, got {every!r}")
         self.fname, self.every, self.resume = Path(fname), every, resume
         if resume and not self.fname.is_file():
-            raise FileNotFoundError(f"resume: no checkpoint at {self.fname}: start the run without resuming (with --checkpoint-every N it writes one)")
+            raise FileNotFoundError(f"resume: no checkpoint at {self.fname}: start the run without resuming (with --checkpoint-every N it "
+                                    "writes one)")
         super().__init__(0)
         self.fits, self.records, self.saved = 0, {}, None
 
@@ -39,12 +40,14 @@ class CheckpointCallback(ScopedCallback, SkipToEpoch):
         if ck is None or self.fit_idx > ck['fit']: return
         if self.fit_idx < ck['fit']: self._skip_to = self.n_epoch; return  # a fit done before the one that saved
         if ck['n_epoch'] != self.n_epoch:
-            raise ValueError(f"{self.fname} was saved by a fit of {ck['n_epoch']} epochs, this one has {self.n_epoch}: resume with the same number of epochs")
+            raise ValueError(f"{self.fname} was saved by a fit of {ck['n_epoch']} epochs, this one has {self.n_epoch}: resume with the "
+                             "same number of epochs")
         get_model(self.learn.model).load_state_dict(ck['model'])
         self.learn.opt.load_state_dict(ck['opt'])
         self._skip_to, self._train_iter = ck['epoch'] + 1, ck['train_iter']
         rec = self.recorder
-        rec.lrs, rec.iters, rec.losses = list(ck['steps']['lrs']), list(ck['steps']['iters']), list(ck['steps']['losses'])  # the whole run's
+        steps = ck['steps']  # the whole run's
+        rec.lrs, rec.iters, rec.losses = list(steps['lrs']), list(steps['iters']), list(steps['losses'])
 
     def _read(self)->dict:
         ck = torch.load(self.fname, map_location=self.dls.device, weights_only=False)
@@ -53,7 +56,7 @@ class CheckpointCallback(ScopedCallback, SkipToEpoch):
 
     def before_epoch(self):
         row = self.records.get(self.fit_idx, [])
-        if self.epoch < self._skip_to and self.epoch < len(row): self.recorder.log = self.recorder.log[:1] + row[self.epoch]  # its recorded row
+        if self.epoch < self._skip_to and self.epoch < len(row): self.recorder.log = self.recorder.log[:1] + row[self.epoch]  # as recorded
         super().before_epoch()  # SkipToEpoch: cancels the epochs done
     def before_train(self):
         if self._train_iter is not None: self.learn.train_iter, self._train_iter = self._train_iter, None  # steps done before the resume
@@ -66,8 +69,9 @@ class CheckpointCallback(ScopedCallback, SkipToEpoch):
     def save(self):
         "Write the state of training to `fname` (rank 0; every rank waits for it)"
         if not rank_distrib():
-            state = dict(model=get_model(self.learn.model).state_dict(), opt=self.learn.opt.state_dict(), fit=self.fit_idx, epoch=self.epoch,
-                         n_epoch=self.n_epoch, train_iter=self.train_iter, records=self.records, metric_names=list(self.recorder.metric_names),
+            state = dict(model=get_model(self.learn.model).state_dict(), opt=self.learn.opt.state_dict(), fit=self.fit_idx,
+                         epoch=self.epoch, n_epoch=self.n_epoch, train_iter=self.train_iter, records=self.records,
+                         metric_names=list(self.recorder.metric_names),
                          steps=dict(lrs=list(self.recorder.lrs), iters=list(self.recorder.iters), losses=list(self.recorder.losses)))
             bm = getattr(self.learn, 'best_metrics', None)
             if bm is not None: state['best'] = dict(value=bm.best, epoch=bm.best_at, values=bm.best_values)

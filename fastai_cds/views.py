@@ -159,11 +159,9 @@ def simclr_tfms(
     tfms += [ColorJitterBatch(jitter, jitter, jitter, hue, p_jitter)]
     return tfms + ([RandomGrayscale(p_gray)] if n_channels == 3 else [])
 
-# %% ../nbs/08_views.ipynb #dad705ae
-CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])  # the reference's Normalize (its stds differ from fastai's cifar_stats)
-
+# %% ../nbs/08_views.ipynb #a6d17fd5
 class PresizeItems(RandTransform):
-    "Training images squished to `size` x `size` (all their content); validation ones resized to `size` on the shorter side, centre-cropped to `crop`"
+    "Training images squished to `size` x `size` (all their content); validation ones: shorter side to `size`, centre `crop`"
     split_idx, order = None, 1
     def __init__(self, size:int=256, crop:int=224): super().__init__(p=1.); store_attr()
     def before_call(self, b, split_idx): self.training = split_idx == 0
@@ -177,6 +175,9 @@ class PresizeItems(RandTransform):
     def plain_tfms(self)->list:
         "fastai's transforms doing the same at inference, for an export: shorter side to `size`, centre crops"
         return [Resize(self.size), CropPad(self.crop)]
+
+# %% ../nbs/08_views.ipynb #2bb133fd
+CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])  # the reference's Normalize (its stds differ from fastai's cifar_stats)
 
 class Views(NamedTuple):
     "A pair of views as fastai transforms"
@@ -198,7 +199,8 @@ def reference_views(
         pad, p_flip = max(1, round(4*size/32)), 0.5 if flip else 0.
         stats, cutout = stats or CIFAR_STATS, round(16*size/32) if cutout is None else cutout
         view1 = [PadCropFlip(pad, 128/255, p_flip)] + ([Cutout(cutout)] if cutout else [])
-        view2 = [PadCropFlip(pad, 0., p_flip), ColorJitterBatch(0.4, 0.4, 0.4, 0.1, p=0.8)] + ([RandomGrayscale(0.2)] if n_channels == 3 else [])
+        view2 = [PadCropFlip(pad, 0., p_flip), ColorJitterBatch(0.4, 0.4, 0.4, 0.1, p=0.8)]
+        if n_channels == 3: view2.append(RandomGrayscale(0.2))
         return Views([], view1 + [Normalize.from_stats(*stats)], view2)
     if preset == 'imagenet':
         size = size or 224
