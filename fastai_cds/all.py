@@ -11,7 +11,7 @@ from .backbone import backbone_state, export_backbone
 from .callback import ScopedCallback
 from .views import (RandomResizedCropBatch, PadCropFlip, RandomGrayscale, ColorJitterBatch, Cutout, simclr_tfms,
                     PresizeItems, Views, reference_views, two_view_dl, show_views)
-from .core import LossTerms, set_loss, LossTermCallback, DeepSupervisionCallback
+from .core import LossTerms, set_loss, LossTermCallback, DeepSupervisionCallback, FiniteLossCallback
 from .semi import stratified_fraction, split_labelled, SemiSupervisedCallback
 from .distill import Teacher, load_teacher, Distiller, reference_distillation, DistillCallback, KDCallback
 from .cds import CDSCallback

@@ -4,8 +4,9 @@
 
 # %% ../nbs/09_core.ipynb #d6e43f6a
 from __future__ import annotations
+import math
 from functools import partial
-import torch.nn as nn
+import torch, torch.nn as nn
 from torch import Tensor
 from fastcore.basics import store_attr
 from fastcore.foundation import L
@@ -17,7 +18,8 @@ from .model import DeepSupervisionModel, split_with_heads
 from .callback import ScopedCallback
 
 # %% auto #0
-__all__ = ['LossTerms', 'add_loss_terms', 'set_loss', 'LossTermCallback', 'attach_heads', 'attach_aux', 'DeepSupervisionCallback']
+__all__ = ['LossTerms', 'add_loss_terms', 'set_loss', 'LossTermCallback', 'attach_heads', 'attach_aux', 'DeepSupervisionCallback',
+           'FiniteLossCallback']
 
 # %% ../nbs/09_core.ipynb #c47b4ec3
 class LossTerms(ScopedCallback):
@@ -146,9 +148,17 @@ class DeepSupervisionCallback(LossTermCallback):
         "Find the stages and attach the heads, once"
         m = self.learn.model
         if self.ds is not None and m is self.ds: return
+        others = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, DeepSupervisionCallback) and cb is not self]
+        if others:
+            raise ValueError(f"This Learner has two deep-supervision callbacks ({type(self).__name__} and {', '.join(others)}): each "
+                             "puts its own heads on the model; use one per Learner")
         if isinstance(m, DeepSupervisionModel):
             raise ValueError(f"{type(self).__name__}: this model already carries deep-supervision heads (it is a trained Learner's "
                              "`learn.model`): pass the plain model, `learn.model.model`, and use one such callback per Learner")
+        if len(self.dls.train) == 0:
+            dl = self.dls.train
+            raise ValueError(f"{type(self).__name__}: the training DataLoader has no batch: its {len(dl.dataset)} items make no batch of "
+                             f"bs={dl.bs}{' with drop_last=True' if dl.drop_last else ''}: pass a smaller bs to the DataLoaders")
         b = self.dls.train.one_batch()
         p = next(m.parameters(), None)
         x = b[0][:2].to(p.device if p is not None else b[0].device)
@@ -185,3 +195,27 @@ class DeepSupervisionCallback(LossTermCallback):
     def before_batch(self): self.taps = None; self.ds.arm()
     def after_pred(self): self.taps = self.ds.read()
     def after_batch(self): self.taps = None; self.ds.disarm()
+
+# %% ../nbs/09_core.ipynb #a9859a24
+class FiniteLossCallback(ScopedCallback):
+    "Stop a fit at the first training batch whose loss is NaN or infinite, before its backward pass, naming the batch and loss terms"
+    order, run_valid = LossTerms.order + 1, False  # after every callback that sets the loss, before `LossTerms` clears the terms
+    def before_batch(self):
+        "The batch's inputs, and the images armed for the same forward, are finite (checked before BatchNorm sees them)"
+        m = getattr(self.learn.model, 'module', self.learn.model)  # DDP wraps it
+        extra = list(getattr(m, '_extra', None) or []) if isinstance(m, DeepSupervisionModel) else []
+        xs = [x for x in (*self.learn.xb, *extra) if isinstance(x, Tensor) and x.is_floating_point()]
+        if all(bool(torch.isfinite(x).all()) for x in xs): return
+        raise FloatingPointError(f"Training batch {self.iter+1} of epoch {self.epoch+1} holds NaN or infinite inputs: training stopped "
+                                 "before its forward pass, the model is as after the previous step. Check that batch's images (and "
+                                 "the transforms that made them).")
+    def after_loss(self):
+        loss = self.learn.loss_grad
+        if bool(torch.isfinite(loss).all()): return
+        terms = {k: float(v) for cb in self.learn.cbs for k,v in getattr(cb, 'terms', {}).items()}
+        bad = [k for k,v in terms.items() if not math.isfinite(v)]
+        said = ', '.join(f'{k} {v:.4g}' for k,v in terms.items()) if terms else "no loss terms recorded: it is the learner's loss"
+        raise FloatingPointError(
+            f"The loss of training batch {self.iter+1} of epoch {self.epoch+1} is {float(loss.detach().float().mean())} "
+            f"({said}){'; not finite: ' + ', '.join(bad) if bad else ''}. Training stopped before this batch's step: the weights are "
+            "those after the previous one. Check that batch's inputs for NaN or inf values, or lower the learning rate.")

@@ -20,6 +20,24 @@ from fastai.vision.core import PILImage, PILImageBW
 # %% auto #0
 __all__ = ['TensorImages', 'TensorImageDL', 'decoded_images', 'tensor_dls', 'folder_tensor_dls']
 
+# %% ../nbs/17_tensor_data.ipynb #391e411a
+def _check_images(images:Tensor, labels:Tensor, vocab:list):
+    "Raise, naming the fix, unless `images` are (n, c, h, w) uint8 with one integer id in `range(len(vocab))` each"
+    shape = tuple(images.shape)
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"TensorImages: images must be one uint8 tensor (n, c, h, w), got {images.dtype} {shape}")
+    if shape[1] not in (1, 3) and shape[3] in (1, 3):
+        raise ValueError(f"TensorImages: images are (n, h, w, c) {shape}; pass them as (n, c, h, w): images.permute(0, 3, 1, 2)")
+    if len(images) != len(labels):
+        raise ValueError(f"TensorImages: {len(images)} images but {len(labels)} labels: give one label id per image")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"TensorImages: labels must be integer class ids (indices into `vocab`), got {labels.dtype}: "
+                         "map the labels to ids first (e.g. `torch.tensor([vocab.index(l) for l in labels])`)")
+    bad = labels[(labels < 0) | (labels >= len(vocab))]
+    if len(bad):
+        raise ValueError(f"TensorImages: label id {int(bad[0])} is outside the vocab of {len(vocab)} classes (ids 0 to {len(vocab)-1}): "
+                         "give every class a name in `vocab`")
+
 # %% ../nbs/17_tensor_data.ipynb #6c596703
 class TensorImages:
     "Images held as one uint8 tensor `(n, c, h, w)` with their label ids: a dataset for `TensorImageDL`"
@@ -29,9 +47,7 @@ class TensorImages:
         vocab:list, # the class names
         split_idx:int|None=None, # 0: training set (training-only transforms run), 1: validation
     ):
-        if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
-            raise ValueError(f"TensorImages: images must be (n, c, h, w) uint8 with one label each, got {images.dtype} "
-                             f"{tuple(images.shape)} and {len(labels)} labels")
+        _check_images(images, labels, vocab)
         self.images, self.labels, self.vocab, self.split_idx = images, labels.long(), CategoryMap(list(vocab), sort=False), split_idx
     def __len__(self): return len(self.images)
     def __getitem__(self, i): return self.batch([i])
@@ -95,9 +111,24 @@ def tensor_dls(
     if num_workers:
         raise ValueError("tensor_dls: a batch is one indexing of the images, made in the main process; worker processes would only add "
                          f"copies (measured: bench/overhead.py): leave num_workers out (got {num_workers})")
+    if len(train[0]) < bs:
+        raise ValueError(f"tensor_dls: {len(train[0])} training images make no batch of bs={bs} (training drops the last incomplete "
+                         "batch): pass a smaller bs")
     tfms = dict(after_batch=[IntToFloatTensor(), *(batch_tfms or [])], device=device, num_workers=0, **kwargs)
     return DataLoaders(TensorImageDL(TensorImages(*train, vocab, 0), bs=bs, shuffle=True, drop_last=True, **tfms),
                        TensorImageDL(TensorImages(*valid, vocab, 1), bs=bs, **tfms), device=device)
+
+# %% ../nbs/17_tensor_data.ipynb #02e4351c
+def _class_images(path:Path, split:str)->list:
+    "The images of `path/split/<class>/`, or an error naming what is missing"
+    if not path.is_dir(): raise FileNotFoundError(f"folder_tensor_dls: no folder {path}")
+    if not (path/split).is_dir():
+        subs = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"folder_tensor_dls: {path} has no {split}/ folder (it has: {', '.join(subs) or 'no folder'}): "
+                                f"an ImageNet-style folder holds train/ and a validation folder (`valid=`), one subfolder per class")
+    files = get_image_files(path/split)
+    if not files: raise FileNotFoundError(f"folder_tensor_dls: no image in {path/split}/<class>/: put the images of each class in a subfolder")
+    return files
 
 # %% ../nbs/17_tensor_data.ipynb #de401179
 def folder_tensor_dls(
@@ -111,7 +142,10 @@ def folder_tensor_dls(
 )->DataLoaders:
     "`tensor_dls` of an ImageNet-style folder, its images decoded once into memory"
     path, num_workers = Path(path), min(16, defaults.cpus) if num_workers is None else num_workers
-    files = {s: get_image_files(path/s) for s in ('train', valid)}
+    files = {s: _class_images(path, s) for s in ('train', valid)}
     vocab = sorted({f.parent.name for f in files['train']})
+    if extra := sorted({f.parent.name for f in files[valid]} - set(vocab)):
+        raise ValueError(f"folder_tensor_dls: {path/valid} has classes with no training images in {path/'train'}: "
+                         f"{', '.join(extra[:5])}: give each class training images, or leave it out of {valid}/")
     sets = [decoded_images(fs, [f.parent.name for f in fs], vocab, size, num_workers) for fs in files.values()]
     return tensor_dls(*sets, vocab=vocab, bs=bs, batch_tfms=batch_tfms, **kwargs)
