@@ -13,7 +13,7 @@ fails, listing every problem, on: a saved error output, a notebook whose saved o
 entry without a docstring, a notebook without a `# title` cell, and (mkdocs in strict mode) a broken internal link, a
 link to a missing anchor, or a page missing from the navigation."""
 from __future__ import annotations
-import argparse, ast, base64, html, importlib, inspect, json, os, re, shutil, subprocess, sys, time
+import argparse, ast, base64, enum, html, importlib, inspect, json, os, re, shutil, subprocess, sys, time, warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,32 +74,31 @@ def _anno(a) -> str:
 
 def _default(d) -> str:
     if d is inspect.Parameter.empty: return ''
+    if isinstance(d, enum.Enum): return f'{type(d).__name__}.{d.name}'
     r = repr(d)
     if ' at 0x' in r or len(r) > 60: r = getattr(d, '__qualname__', None) or getattr(d, '__name__', None) or type(d).__name__
     return r
 
+def _params(ps:list) -> list[str]:
+    "Each parameter as `str(Signature)` writes it (`x: int = 1`), with its `/` and `*` markers"
+    res = []
+    for i, p in enumerate(ps):
+        if p.kind == p.KEYWORD_ONLY and not any(q.kind in (p.VAR_POSITIONAL, p.KEYWORD_ONLY) for q in ps[:i]): res.append('*')
+        res.append(str(p))
+        if p.kind == p.POSITIONAL_ONLY and (i + 1 == len(ps) or ps[i+1].kind != p.POSITIONAL_ONLY): res.append('/')
+    return res
+
 def _signature(name:str, o, method:bool=False) -> str:
-    "`name(arg:type=default, ...)`, one argument a line when long; a `method`'s first argument (self, cls) left out"
+    "`name(arg: type = default, ...)`, one argument a line when long; a `method`'s first argument (self, cls) left out"
     try: sig = inspect.signature(o)
     except (TypeError, ValueError): return f'{name}(...)'
-    if method and sig.parameters: sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+    ps = list(sig.parameters.values())[1 if method else 0:]
     ps = [p.replace(annotation=_Raw(_anno(p.annotation)) if p.annotation is not p.empty else p.empty,
-                    default=_Raw(_default(p.default)) if p.default is not p.empty else p.empty)
-          for p in sig.parameters.values()]
-    ret = _Raw(_anno(sig.return_annotation)) if sig.return_annotation is not sig.empty else sig.empty
-    s = str(sig.replace(parameters=ps, return_annotation=ret))
-    if len(name) + len(s) <= 100: return name + s
-    body, _, tail = s[1:].rpartition(')')
-    parts = [str(p) for p in ps]
-    seps = []  # the `/` and `*` markers str(sig) put between the parameters
-    for prev, p in zip([None, *ps], ps):
-        if prev is not None and prev.kind == p.POSITIONAL_ONLY and p.kind != p.POSITIONAL_ONLY: seps.append('/')
-        if p.kind == p.KEYWORD_ONLY and (prev is None or prev.kind not in (p.KEYWORD_ONLY, p.VAR_POSITIONAL)): seps.append('*')
-        seps.append(None)
-    it, lines = iter(parts), []
-    for s_ in seps: lines.append(s_ if s_ else next(it))
-    if ps and ps[-1].kind == ps[-1].POSITIONAL_ONLY: lines.append('/')
-    return name + '(\n' + ''.join(f'    {l},\n' for l in lines) + ')' + tail
+                    default=_Raw(_default(p.default)) if p.default is not p.empty else p.empty) for p in ps]
+    ret = f' -> {_anno(sig.return_annotation)}' if sig.return_annotation is not sig.empty else ''
+    items = _params(ps)
+    one = f"{name}({', '.join(items)}){ret}"
+    return one if len(one) <= 100 else name + '(\n' + ''.join(f'    {i},\n' for i in items) + ')' + ret
 
 def _own_doc(o) -> str:
     "The docstring written on `o` itself (a class does not inherit its base's)"
@@ -401,6 +400,7 @@ def main(argv=None):
     ap.add_argument('--out', default=str(BUILD), help='build folder: the site goes to OUT/site')
     ap.add_argument('--check', action='store_true', help="only check the notebooks' saved outputs (budget, errors)")
     a = ap.parse_args(argv)
+    warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # torch.jit.script, used by fastai at import
     t0 = time.perf_counter()
     try:
         if a.check:
