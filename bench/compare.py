@@ -46,7 +46,8 @@ def table(rows:list[dict], label_fraction:float, seeds:list[int], methods:list[s
     r0 = p.first('baseline')
     return (f"digits {r0['size']}x{r0['size']}, {label_fraction:.0%} of the training labels ({r0['n_train']} images), "
             f"{r0['epochs']} epoch{'s' if r0['epochs'] > 1 else ''}, {len(p.seeds)} paired seeds, {r0['n_valid']} validation images\n\n" +
-            markdown_table(['method', 'accuracy % (mean ± std)', 'Δ vs baseline, points (95% CI)', 'wins/ties/losses', 'ECE % (mean ± std)', 's/run'],
+            markdown_table(['method', 'accuracy % (mean ± std)', 'Δ vs baseline, points (95% CI)', 'wins/ties/losses',
+                            'ECE % (mean ± std)', 's/run'],
                            [[m, p.mean_std(m), *p.delta(m), p.mean_std(m, 'ece'), f"{p.mean(m, 'secs'):.1f}"] for m in methods]))
 
 @call_parse
@@ -71,8 +72,8 @@ def main(
     torch.set_num_threads(threads)
     ms = [m for m in METHODS if not methods or m in methods.split(',')]
     fracs, seed_list = [float(f) for f in fractions.split(',')], list(range(first_seed, first_seed+seeds))
-    configs = [dict(method=m, seed=s, label_fraction=lf, epochs=epochs_low if lf < 0.5 else epochs_high, size=size, lr=lr, bs=bs, views=views)
-               for s in seed_list for lf in fracs for m in ms]  # seed-major: an interrupted run leaves complete seeds
+    configs = [dict(method=m, seed=s, label_fraction=lf, epochs=epochs_low if lf < 0.5 else epochs_high, size=size, lr=lr, bs=bs,
+                    views=views) for s in seed_list for lf in fracs for m in ms]  # seed-major: an interrupted run leaves complete seeds
     log = RunLog(out, KEY)
     if not report_only: log.run(configs, run, workers, threads)
     sel = log.select(configs)

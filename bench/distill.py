@@ -8,6 +8,7 @@ reference code's CIFAR setting). A seed fixes the data split, the labelled subse
 initialisation, so the differences to the student alone are paired. Results go one JSON line per run to
 `bench/out/distill.jsonl` as they finish and each teacher to `bench/out/distill_teachers/` (`learn.save`); runs already
 there are skipped and saved teachers reloaded with `load_teacher`, so an interrupted benchmark resumes. Not run by CI.
+Another student method is one more entry of `STUDENTS` (and of `NO_TEACHER` if it does not use the teacher).
 
 Deviations from the paper: digits at 16x16 instead of CIFAR-100/ImageNet, two CNNs instead of ResNets, Adam with
 one-cycle and few epochs instead of SGD over 300 epochs; view 2 without flip (digits are not mirror-symmetric).
@@ -31,7 +32,8 @@ NO_TEACHER = {'student', 'CDS'}  # the students that do not use the teacher: the
 
 def key(r:dict)->list[str]:
     "The fields that identify run `r`: those of a teacher only where the run uses one"
-    return ['method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs'] + ([] if r['method'] in NO_TEACHER else ['teacher_epochs', 'teacher_width'])
+    teacher = [] if r['method'] in NO_TEACHER else ['teacher_epochs', 'teacher_width']
+    return ['method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs'] + teacher
 
 def run(method:str, seed:int, label_fraction:float, epochs:int, teacher_epochs:int, teacher_width:int, size:int, lr:float, bs:int,
         teachers:Path, **_)->dict:
@@ -65,8 +67,9 @@ def table(rows:list[dict], label_fraction:float, seeds:list[int])->str:
             f"teacher {rt['teacher_epochs']} epochs, students {r0['epochs']} epochs, {len(p.seeds)} paired seeds, "
             f"{r0['n_valid']} validation images\n\n" +
             markdown_table(['model', 'accuracy % (mean ± std)', 'Δ vs student alone, points (95% CI)', 'wins/ties/losses', 's/run'],
-                           [[f"teacher cnn({rt['teacher_width']}), CDS" if m == 'teacher' else f'student small_cnn, {m}', p.mean_std(m),
-                             *(('—', '—') if m == 'teacher' else p.delta(m)), f"{p.mean(m, 'secs'):.1f}"] for m in ['teacher'] + METHODS]))
+                           [[f"teacher cnn({rt['teacher_width']}), CDS" if m == 'teacher' else f'student small_cnn, {m}',
+                             p.mean_std(m), *(('—', '—') if m == 'teacher' else p.delta(m)), f"{p.mean(m, 'secs'):.1f}"]
+                            for m in ['teacher'] + METHODS]))
 
 @call_parse
 def main(
@@ -91,8 +94,9 @@ def main(
     fracs, seed_list = [float(f) for f in fractions.split(',')], list(range(first_seed, first_seed+seeds))
     teachers = (Path(out).parent/'distill_teachers').absolute(); teachers.mkdir(parents=True, exist_ok=True)
     epochs = lambda lf: epochs_low if lf < 0.5 else epochs_high
-    configs = [dict(method=m, seed=s, label_fraction=lf, epochs=epochs(lf), teacher_epochs=teacher_factor*epochs(lf), teacher_width=teacher_width,
-                    size=size, lr=lr, bs=bs) for s in seed_list for lf in fracs for m in ['teacher'] + METHODS]  # seed-major, the teacher first
+    configs = [dict(method=m, seed=s, label_fraction=lf, epochs=epochs(lf), teacher_epochs=teacher_factor*epochs(lf),
+                    teacher_width=teacher_width, size=size, lr=lr, bs=bs)
+               for s in seed_list for lf in fracs for m in ['teacher'] + METHODS]  # seed-major, the teacher first
     log, start = RunLog(out, key), time.time()
     if not report_only: log.run(configs, partial(run, teachers=teachers), threads=threads)
     sel = log.select(configs)

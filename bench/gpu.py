@@ -61,7 +61,8 @@ def step_table(name, make, size, n, device, reps, warmup, backend)->list:
             for k in ls:
                 torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); ls[k].one_batch(0, bs[k]); torch.cuda.synchronize()
                 mem[k] = torch.cuda.max_memory_allocated()
-        rows.append((name, n, setting, t.median['CDS'], t.median['plain 2N'], t.ratio('CDS', 'plain 2N'), mem['CDS']/mem['plain 2N'] if mem else None))
+        rows.append((name, n, setting, t.median['CDS'], t.median['plain 2N'], t.ratio('CDS', 'plain 2N'),
+                     mem['CDS']/mem['plain 2N'] if mem else None))
         for l in ls.values(): l.model._compiled_call_impl = None
     return rows
 

@@ -45,7 +45,8 @@ def table(rows:list[dict], fracs:list[float], seeds:list[int])->str:
         r0 = p.first('baseline')
         labels = f"{lf:.0%} ({r0['n_train']} labelled, {r0['epochs']} ep, {len(p.seeds)} seeds)"
         cells += [[labels, m, p.mean_std(m), *p.delta(m), p.first(m)['steps'], f"{p.mean(m, 'secs'):.1f}"] for m in METHODS]
-    return markdown_table(['labels', 'method', 'accuracy % (mean ± std)', 'Δ vs baseline, points (95% CI)', 'wins/ties/losses', 'steps', 's/run'], cells)
+    return markdown_table(['labels', 'method', 'accuracy % (mean ± std)', 'Δ vs baseline, points (95% CI)', 'wins/ties/losses', 'steps',
+                           's/run'], cells)
 
 def plot(rows:list[dict], fracs:list[float], seeds:list[int], fname:Path):
     "Accuracy vs label ratio, one line per method, error bars = std over the paired seeds (the paper's Fig. 2)"
@@ -88,7 +89,8 @@ def main(
     print(f"python bench/semisup.py {' '.join(sys.argv[1:])}".strip() + "\n", flush=True)
     fracs, seed_list = [float(f) for f in fractions.split(',')], list(range(first_seed, first_seed+seeds))
     n_batches = {lf: len(digits_dls(size=size, label_fraction=lf, bs=bs, device='cpu').train) for lf in fracs}  # the same for every seed
-    configs = [dict(method=m, seed=s, label_fraction=lf, epochs=math.ceil(steps/n_batches[lf]), size=size, lr=lr, bs=bs, weight=weight, views=views)
+    configs = [dict(method=m, seed=s, label_fraction=lf, epochs=math.ceil(steps/n_batches[lf]), size=size, lr=lr, bs=bs, weight=weight,
+                    views=views)
                for s in seed_list for lf in fracs for m in METHODS]  # seed-major: an interrupted run leaves complete seeds
     log, start = RunLog(out, KEY), time.time()
     if not report_only: log.run(configs, run, threads=threads)
