@@ -15,7 +15,7 @@ import torch
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from fastai_cds.benchmark import VIEWS, digits_views, SkipValidation, timed_fit, evaluate_calibrated, RunLog, Paired, markdown_table
+from fastai_cds.benchmark import digits_views, SkipValidation, timed_fit, evaluate_calibrated, RunLog, Paired, markdown_table
 
 METHODS = ['baseline', 'DSN', 'DKS', 'DHM', 'CDS-SupCon', 'CDS-SimCLR']
 KEY = ['method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs', 'views']  # what identifies a run (a row without views: 'default')

@@ -27,7 +27,7 @@ from torch.profiler import profile, ProfilerActivity
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from fastai_cds.benchmark import (CIFAR_STATS, synthetic_items, image_dls, start_training, interleaved_times, images_per_s, bench_loaders)
+from fastai_cds.benchmark import CIFAR_STATS, synthetic_items, image_dls, start_training, interleaved_times, images_per_s, bench_loaders
 
 MODELS = {'CIFAR ResNet18 32x32': (lambda: cifar_resnet('resnet18', 10), 32), 'ResNet18 64x64': (lambda: torchvision.models.resnet18(num_classes=10), 64)}
 

@@ -17,7 +17,7 @@ import torch
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from fastai_cds.benchmark import VIEWS, digits_views, reseed, SkipValidation, timed_fit, evaluate, RunLog, Paired, markdown_table
+from fastai_cds.benchmark import digits_views, reseed, SkipValidation, timed_fit, evaluate, RunLog, Paired, markdown_table
 
 METHODS = ['baseline', 'CDS', 'semi-CDS']
 LABELS = {'baseline': 'baseline (labelled part)', 'CDS': 'CDS (labelled part)', 'semi-CDS': 'semi-supervised CDS (+ unlabelled rest)'}
