@@ -121,7 +121,7 @@ def trained_teacher(tmp_path_factory):
 
 @pytest.fixture
 def teacher(trained_teacher):
-    "A copy of the trained teacher for one test: a teacher in train mode (the default, as the reference) moves its BN statistics"
+    "A copy of the trained teacher for one test (a test that breaks the teacher breaks only its copy)"
     t = teacher_learner(path=trained_teacher.path)
     t.model.load_state_dict(trained_teacher.model.state_dict())
     return t
@@ -311,8 +311,9 @@ def test_teacher_mode_train_by_default_eval_on_request(teacher):
     assert cap.state['s_bn'] == (True, True)
 
 
-def test_teacher_bn_train_mode_updates_statistics_but_not_weights(teacher):
-    "teacher_bn_train=True (reference code): BN in train mode, running statistics change; weights don't, no gradient"
+def test_teacher_bn_train_mode_uses_batch_statistics_and_changes_nothing(teacher):
+    """teacher_bn_train=True (reference code): BN in train mode normalises with the batch's statistics, yet no buffer
+    (running statistics, counters) and no weight of the teacher changes, and it gets no gradient (issue 23)"""
     t = copy.deepcopy(teacher.model)
     modes = [m.training for m in t.modules()]
     set_seed(1)
@@ -321,12 +322,15 @@ def test_teacher_bn_train_mode_updates_statistics_but_not_weights(teacher):
     cap, _ = run_one_batch(learn, t)
     assert cap.state['t_bn'] == (True, False)
     after = snapshot(t)
-    stats = [k for k in before if k.endswith('running_mean') or k.endswith('running_var')]
-    assert stats and any(not torch.equal(before[k], after[k]) for k in stats)
-    params = {k for k, _ in t.named_parameters()}
-    assert all(torch.equal(before[k], after[k]) for k in params)
+    stats = [k for k in before if k.endswith('running_mean') or k.endswith('running_var') or k.endswith('num_batches_tracked')]
+    assert stats and [k for k in before if not torch.equal(before[k], after[k])] == []
     assert all(p.grad is None for p in t.parameters())
     assert [m.training for m in t.modules()] == modes  # its own modes back
+    # the logits it gave are those of batch statistics: a train-mode forward of a copy, not the eval-mode one
+    ref = copy.deepcopy(t.model).train()
+    with torch.no_grad(): batch_stats, running = ref(cap.inp['t_out']).double(), ref.eval()(cap.inp['t_out']).double()
+    torch.testing.assert_close(cap.out['t_out'], batch_stats, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cap.out['t_out'], running, atol=1e-3)
 
 
 def test_creating_a_student_leaves_a_bn_train_teacher_unchanged(teacher):
@@ -567,16 +571,90 @@ def test_reference_distillation_settings(teacher, setting, expected):
 
 
 def test_teacher_in_train_mode_uses_batch_statistics(teacher):
-    "Train mode (the default, as the reference): BatchNorm normalises with the batch's statistics and moves its running ones; eval mode leaves them"
+    "Train mode (the default, as the reference): BatchNorm normalises with the batch's statistics and its running ones stay; so in eval mode"
     t = Distiller(teacher).teacher
     t.model.eval()
     bn = next(m for m in t.model.modules() if isinstance(m, nn.BatchNorm2d))
     x = torch.randn(8, 1, 16, 16) * 3 + 1
-    before = bn.running_mean.clone()
+    before = snapshot(t.model)
     logits_train = t(x)
-    assert not torch.equal(bn.running_mean, before)
-    moved = bn.running_mean.clone()
     t_eval = Distiller(teacher, teacher_bn_train=False).teacher
     logits_eval = t_eval(x)
-    assert torch.equal(bn.running_mean, moved) and not torch.allclose(logits_train, logits_eval)
+    assert [k for k, v in snapshot(t.model).items() if not torch.equal(v, before[k])] == []
+    assert not torch.allclose(logits_train, logits_eval)
     assert not any(m.training for m in t.model.modules())  # the mode is set for the forward only
+    assert bn.track_running_stats  # restored after the call
+
+
+# ---------------------------------------------------------------- 6. the teacher left as given; KD as RepDistiller's; the 'ce' once
+class Counting(nn.Module):
+    "A module writing a buffer in its forward (a counter), besides a BatchNorm"
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1)
+        self.register_buffer('calls', torch.zeros(()))
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(x).flatten(1)
+
+
+def test_buffers_kept_whatever_the_forward_writes():
+    "No buffer changes in train mode: BatchNorm tracks nothing in the block, other buffers are put back, also after an error"
+    from fastai_cds.distill import buffers_kept
+    m = Counting().train()
+    m.bn.running_mean.fill_(3.)
+    before = snapshot(m)
+    x = torch.randn(4, 1, 2, 2) + 5
+    with buffers_kept(m): out = m(x)
+    assert [k for k, v in snapshot(m).items() if not torch.equal(v, before[k])] == []
+    torch.testing.assert_close(out, F.batch_norm(x, None, None, m.bn.weight, m.bn.bias, True).flatten(1))  # batch statistics
+    with pytest.raises(RuntimeError, match='boom'):
+        with buffers_kept(m):
+            m(x)
+            raise RuntimeError('boom')
+    assert [k for k, v in snapshot(m).items() if not torch.equal(v, before[k])] == [] and m.bn.track_running_stats
+    m(x)  # outside the block the module is as before: it tracks its statistics
+    assert not torch.equal(m.bn.running_mean, before['bn.running_mean']) and m.calls == 1
+
+
+def test_kd_repdistiller_loss_equals_hand_computation(teacher):
+    "RepDistiller's KD: 0.1 x CE + 0.9 x KL(p_t || p_s) x 16 at T = 4, the teacher in eval mode; 'ce' and 'kd' recorded"
+    set_seed(1)
+    learn = student_learner(KDCallback.repdistiller(teacher))
+    cap = Capture()
+    cap.add('s_out', learn.model)
+    cap.add('t_out', teacher.model.model)
+    cap.add('t_bn', next(m for m in teacher.model.modules() if is_bn(m)))
+    got = {}
+    learn.add_cbs([Spy(-10, before_batch=lambda: got.update(y=learn.y.as_subclass(torch.Tensor).clone())),
+                   Spy(100, after_loss=lambda: got.update(loss=learn.loss_grad.detach().double()), after_batch=stop)])
+    try: learn.fit(1)
+    finally: cap.remove()
+    s, t, y = cap.out['s_out'], cap.out['t_out'], got['y']
+    assert cap.state['t_bn'] == (False, False)
+    ce, kl = F.cross_entropy(s, y), (F.softmax(t / 4, 1) * (F.log_softmax(t / 4, 1) - F.log_softmax(s / 4, 1))).sum(1).mean()
+    torch.testing.assert_close(got['loss'], 0.1 * ce + 0.9 * 16 * kl, rtol=1e-5, atol=1e-5)
+    hist = learn.loss_terms.history
+    assert abs(float(hist['ce'][0]) - ce.item()) < 1e-5 and abs(float(hist['kd'][0]) - 16 * kl.item()) < 1e-4
+
+
+def test_kd_ce_weight_needs_to_come_first(teacher):
+    "ce_weight scales the learner's own loss: with CDS (whose terms come first) it is refused when fit starts, before a step"
+    learn = student_learner([CDSCallback(verbose=False), KDCallback.repdistiller(teacher)])
+    before = snapshot(learn.model)
+    with pytest.raises(ValueError, match=r'KDCallback\(ce_weight=0.1\) scales the learner.s own loss.*leave ce_weight=1'):
+        learn.fit(1, 1e-3)
+    assert all(torch.equal(v, snapshot(learn.model)[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match='ce_weight must be >= 0'): KDCallback(teacher, ce_weight=-1)
+
+
+def test_the_learners_loss_is_recorded_once(teacher):
+    "By the first distillation callback (KD before AT), or by CDS when it is there; each method's term under its name"
+    from fastai_cds.stage_distill import ATCallback
+    for cbs, names in (([ATCallback(teacher, verbose=False), KDCallback(teacher)], ['ce', 'kd', 'at']),
+                       ([CDSCallback(verbose=False), ATCallback(teacher, verbose=False), KDCallback(teacher)],
+                        ['ce', 'contra_0', 'contra_1', 'contra_2', 'kd', 'at'])):
+        learn = student_learner(cbs)
+        with learn.no_logging(): learn.fit(1, 1e-3, cbs=Spy(100, after_batch=stop))
+        assert list(learn.loss_terms.history) == names
+        assert list(learn.recorder.metric_names[3:-1]) == names
