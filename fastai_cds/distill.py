@@ -318,7 +318,8 @@ class FeatureDistillCallback(TeacherCallback):
         x = self.dls.train.one_batch()[0][:2].as_subclass(Tensor)
         x = x.to(p.device if p is not None else x.device)
         s = self.select(self._found('student', plain, x, self.layers))
-        t = self.select(self._found('teacher', self.teacher.plain, x.to(self.teacher.device), self.teacher_layers))
+        with buffers_kept(self.teacher.model):  # the probe runs in eval mode; a module writing buffers would still write
+            t = self.select(self._found('teacher', self.teacher.plain, x.to(self.teacher.device), self.teacher_layers))
         if self.pairs is None and self.layers is not None and self.teacher_layers is not None and len(self.layers) != len(self.teacher_layers):
             raise ValueError(f"{name}: layers names {len(self.layers)} student stages and teacher_layers {len(self.teacher_layers)} teacher "
                              "stages: name as many on each side, or pass pairs=[(student index, teacher index), ...]")

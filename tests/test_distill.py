@@ -15,12 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle)
+from fastai.callback.core import CancelFitException
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 
 from fastai_cds.cds import CDSCallback
-from fastai_cds.distill import DistillCallback, Distiller, KDCallback, Teacher, load_teacher, reference_distillation
+from fastai_cds.distill import DistillCallback, Distiller, KDCallback, Teacher, TeacherCallback, load_teacher, reference_distillation
+from fastai_cds.embedding_distill import CRDCallback, RKDCallback, item_index_dls
+from fastai_cds.stage_distill import ATCallback, FitNetCallback, SPCallback
 from fastai_cds.model import DeepSupervisionModel, Taps
 from fastai_cds.precision import DeviceMixedPrecision
 
@@ -28,6 +31,19 @@ from helpers import (BLOCKED, Spy, is_bn, no_bar, ref_distance, ref_soft, ref_su
                      snapshot, stop, tiny_cnn)
 
 T_WIDTHS, S_WIDTHS = (16, 32, 64), (8, 16, 32)  # teacher / student stage widths: every adapter is a Linear(32, 64)
+# The paper's comparison (Tables 7 and 8): every method as its tables combine it with CDS, from one teacher in train mode
+# (BatchNorm on batch statistics: the setting that moved a teacher's running statistics before, issue 23)
+COMPARISON = {
+    'cds+distill': lambda t: [CDSCallback(teacher=t, verbose=False)],  # DistillCallback; train mode is its default
+    'cds+kd': lambda t: [CDSCallback(verbose=False), KDCallback(t, teacher_bn_train=True)],
+    'cds+fitnet': lambda t: [CDSCallback(verbose=False), FitNetCallback(t, teacher_bn_train=True, verbose=False)],
+    'cds+at': lambda t: [CDSCallback(verbose=False), ATCallback(t, teacher_bn_train=True, verbose=False)],
+    'cds+sp': lambda t: [CDSCallback(verbose=False), SPCallback(t, teacher_bn_train=True, verbose=False)],
+    'cds+rkd': lambda t: [CDSCallback(verbose=False), RKDCallback(t, teacher_bn_train=True, verbose=False)],
+    'cds+crd+kd': lambda t: [CDSCallback(verbose=False), CRDCallback(t, k=8, teacher_bn_train=True, verbose=False),
+                             KDCallback.repdistiller(t, weight=1., ce_weight=1., teacher_bn_train=True)],
+}
+TERM = {'cds+distill': 'emb_0', 'cds+kd': 'kd', 'cds+fitnet': 'fitnet', 'cds+at': 'at', 'cds+sp': 'sp', 'cds+rkd': 'rkd', 'cds+crd+kd': 'crd'}
 
 
 # ---------------------------------------------------------------- helpers
@@ -384,27 +400,46 @@ CHILD_TEACHER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def fitted(trained_teacher, tmp_path_factory):
-    """Fit a CDS+KD student and a KD student one epoch each; export both; load them in a process without fastai_cds
-    and the teacher (`load_teacher`) in another, both fresh, in parallel"""
+    """Fit a CDS+KD student and a KD student one epoch each, and every method of the comparison with CDS two steps each
+    (from the same teacher, in train mode); export them all; load them in a process without fastai_cds and the teacher
+    (`load_teacher`) in another, both fresh, in parallel"""
     d = Path(trained_teacher.path)
     t_before, t_modes = snapshot(trained_teacher.model), [m.training for m in trained_teacher.model.modules()]
+    valid_before = trained_teacher.validate()
     set_seed(2)
-    cds = student_learner(CDSCallback(teacher=Distiller(trained_teacher, teacher_bn_train=False), verbose=False))  # eval: the teacher stays as saved
+    cds = student_learner(CDSCallback(teacher=Distiller(trained_teacher, teacher_bn_train=False), verbose=False))  # eval mode
     aux_before = snapshot(cds.model.aux['distill'])
     with cds.no_logging(): cds.fit(1, 1e-2)
     kd = student_learner(KDCallback(trained_teacher))
     with kd.no_logging(): kd.fit(1, 1e-2)
+    comparison = {}
+    for name, make in COMPARISON.items():
+        before = snapshot(trained_teacher.model)
+        learn = student_learner(make(trained_teacher), dls=item_index_dls(make_dls()) if 'crd' in name else None)
+        s_before = snapshot(learn.model.model)
+        with learn.no_logging(): learn.fit(1, 1e-2, cbs=Spy(100, after_batch=stop_after(2)))
+        comparison[name] = dict(learn=learn, s_before=s_before,
+                                changed=[k for k, v in snapshot(trained_teacher.model).items() if not torch.equal(v, before[k])])
     x = make_dls().valid.one_batch()[0].as_subclass(torch.Tensor).clone()
     torch.save(x, d / 'x.pt')
     preds = {}
-    for kind, learn in (('cds', cds), ('kd', kd)):
+    for kind, learn in (('cds', cds), ('kd', kd), *((n, c['learn']) for n, c in comparison.items())):
         learn.export(d / f'{kind}.pkl')
         plain = learn.model.model if isinstance(learn.model, DeepSupervisionModel) else learn.model
         plain.eval()
         with torch.no_grad(): preds[kind] = plain(x)
-    run_children((CHILD_EXPORT, d, 'cds', 'kd'), (CHILD_TEACHER, d))
+    run_children((CHILD_EXPORT, d, 'cds', 'kd', *COMPARISON), (CHILD_TEACHER, d))
     return dict(dir=d, cds=cds, kd=kd, x=x, preds=preds, t_before=t_before, t_modes=t_modes, aux_before=aux_before,
+                valid_before=valid_before, comparison=comparison,
                 res=json.load(open(d / 'res.json')), out=torch.load(d / 'out.pt'), t_out=torch.load(d / 'teacher_out.pt'))
+
+
+def stop_after(n):
+    k = [0]
+    def f():
+        k[0] += 1
+        if k[0] >= n: raise CancelFitException()
+    return f
 
 
 def test_teacher_unchanged_and_without_gradient_after_student_fits(trained_teacher, fitted):
@@ -470,6 +505,43 @@ def test_teacher_from_file_in_a_fresh_process(teacher, fitted):
         assert a.shape == b.shape == (len(x), 64)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(f, b, atol=1e-3)  # a meaningful comparison: an untrained teacher differs
+
+
+@pytest.mark.parametrize('name', list(COMPARISON))
+def test_comparison_method_trains_with_cds_and_leaves_the_teacher(fitted, name):
+    """Two steps with CDS: the student changed, CDS's and the method's terms recorded; no parameter or buffer of the teacher
+    (weights, heads, BatchNorm statistics and counters) changed during that student's fit"""
+    c = fitted['comparison'][name]
+    learn = c['learn']
+    assert c['changed'] == []
+    assert any(not torch.equal(v, snapshot(learn.model.model)[k]) for k, v in c['s_before'].items())
+    hist = learn.loss_terms.history
+    assert len(hist['ce']) == len(hist['contra_0']) == len(hist[TERM[name]]) == 2
+    assert all(torch.isfinite(v) for vs in hist.values() for v in vs)
+    assert all(cb.teacher.bn_train for cb in learn.cbs if isinstance(cb, TeacherCallback))
+
+
+def test_teachers_own_validation_unchanged_by_every_student(trained_teacher, fitted):
+    "The user's report (issue 23): the teacher Learner's validation, after all the students, is what it was before them"
+    assert trained_teacher.validate() == fitted['valid_before']
+
+
+@pytest.mark.parametrize('name', list(COMPARISON))
+def test_comparison_export_is_plain_and_loads_without_fastai_cds(trained_teacher, fitted, name):
+    "A plain student that loads without fastai_cds; no adapter, regressor, embedding, memory bank, head or teacher weight inside"
+    res, d, learn = fitted['res'], fitted['dir'], fitted['comparison'][name]['learn']
+    assert res['blocked'] and res['loaded_cds_modules'] == []
+    assert res[name]['keys'] == list(tiny_cnn(widths=S_WIDTHS).state_dict())
+    assert res[name]['model_type'] == 'torch.nn.modules.container.Sequential'
+    assert not any(c.startswith('fastai_cds') for c in res[name]['cbs'])
+    torch.testing.assert_close(fitted['out'][name], fitted['preds'][name], atol=1e-5, rtol=0)
+    assert ours(d / f'{name}.pkl') == []
+    with zipfile.ZipFile(d / f'{name}.pkl') as z: members = b''.join(z.read(n) for n in z.namelist())
+    aux = learn.model.aux
+    kept = [w for w in [*aux.parameters(), *aux.buffers(), *learn.model.heads.parameters(), trained_teacher.model.model[0][0].weight]
+            if w.numel() >= 16]  # (a scalar's bytes may occur anywhere)
+    assert len(kept) > 7 and all(w.detach().numpy().tobytes() not in members for w in kept)
+    assert (len(list(aux.parameters())) > 0) == (name in ('cds+distill', 'cds+fitnet', 'cds+crd+kd'))
 
 
 # ---------------------------------------------------------------- 4. errors
