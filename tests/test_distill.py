@@ -1,7 +1,8 @@
 """Tests of `fastai_cds.distill`: `DistillCallback` and its shorthand `CDSCallback(teacher=...)` (contrastive deep
-distillation, paper eqs. 8-9) and `KDCallback` inside real fastai training loops, against hand computations; the frozen
-teacher; adapters; export of the student in a process where fastai_cds cannot be imported; a teacher loaded from a file
-in a fresh process."""
+distillation, paper eqs. 8-9) and `KDCallback` (also RepDistiller's) inside real fastai training loops, against hand
+computations; the frozen teacher, left as given (no weight or buffer written, train mode included); adapters; the
+paper's comparison methods each combined with CDS from one teacher; export of every student in a process where
+fastai_cds cannot be imported; a teacher loaded from a file in a fresh process."""
 import copy
 import inspect
 import json
