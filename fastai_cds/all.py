@@ -13,7 +13,10 @@ from .views import (RandomResizedCropBatch, PadCropFlip, RandomGrayscale, ColorJ
                     PresizeItems, Views, reference_views, two_view_dl, show_views)
 from .core import LossTerms, set_loss, LossTermCallback, DeepSupervisionCallback, FiniteLossCallback
 from .semi import stratified_fraction, split_labelled, SemiSupervisedCallback
-from .distill import Teacher, load_teacher, Distiller, reference_distillation, DistillCallback, KDCallback
+from .distill import (Teacher, load_teacher, Distiller, reference_distillation, DistillCallback, TeacherCallback, KDCallback,
+                      pair_stages, FeatureDistillCallback)
+from .stage_distill import FitNetCallback, ATCallback, SPCallback
+from .embedding_distill import RKDCallback, CRDCallback, item_index_dls, distill_callbacks
 from .cds import CDSCallback
 from .baselines import DSNCallback, DKSCallback, DHMCallback, method_callbacks
 from .precision import DeviceMixedPrecision, to_mixed_precision
