@@ -127,7 +127,8 @@ def _class_images(path:Path, split:str)->list:
         raise FileNotFoundError(f"folder_tensor_dls: {path} has no {split}/ folder (it has: {', '.join(subs) or 'no folder'}): "
                                 f"an ImageNet-style folder holds train/ and a validation folder (`valid=`), one subfolder per class")
     files = get_image_files(path/split)
-    if not files: raise FileNotFoundError(f"folder_tensor_dls: no image in {path/split}/<class>/: put the images of each class in a subfolder")
+    if not files: raise FileNotFoundError(f"folder_tensor_dls: no image in {path/split}/<class>/: put the images of each class in a "
+                                          "subfolder")
     return files
 
 # %% ../nbs/17_tensor_data.ipynb #de401179
