@@ -327,7 +327,7 @@ class FeatureDistillCallback(TeacherCallback):
         named = self.layers is not None and self.teacher_layers is not None
         if self.pairs is None and named and len(self.layers) != len(self.teacher_layers):
             raise ValueError(f"{name}: layers names {len(self.layers)} student stages and teacher_layers "
-                             f"{len(self.teacher_layers)} teacher stages: name as many on each side, or pass pairs=[(student i, teacher j), ...]")
+                             f"{len(self.teacher_layers)} teacher stages: name as many on each side, or pass pairs=[(i, j), ...]")
         pairs = self._checked(self.pairs if self.pairs is not None else self.default_pairs(len(s), len(t)), s, t)
         stage_pairs = [(s[i], t[j]) for i,j in pairs]
         adapter = self.make_adapter(stage_pairs)
