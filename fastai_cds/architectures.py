@@ -151,7 +151,8 @@ def _timm(name:str)->Callable:
     "Builder of timm's model `name` with `n_out` classes"
     def build(n_out:int)->nn.Module:
         try: import timm
-        except ImportError: raise ImportError(f"This architecture is timm's {name}: `pip install timm`") from None
+        except ImportError:
+            raise ModuleNotFoundError(f"This architecture is timm's {name}, which needs timm: pip install timm", name='timm') from None
         return timm.create_model(name, num_classes=n_out)
     return build
 

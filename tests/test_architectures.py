@@ -3,6 +3,7 @@
 stems, stages, sizes, a CDS step and a plain export that loads without fastai_cds."""
 import json
 import pickle
+import sys
 import textwrap
 import warnings
 
@@ -146,6 +147,12 @@ def test_cifar_model_unknown_names():
     with pytest.raises(ValueError, match=r"'mobilenetv3'.*did you mean mobilenetv2, mobilenetv1\?"): cifar_model('mobilenetv3')
     with pytest.raises(ValueError, match=r"'vgg16' is not one of the paper's CIFAR architectures\. Choose from resnet18, resnet50"):
         cifar_model('vgg16')
+
+
+def test_timm_networks_without_timm_name_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'timm', None)  # not installed
+    with pytest.raises(ModuleNotFoundError, match=r"timm's seresnet18, which needs timm: pip install timm"): cifar_model('senet18')
+    assert isinstance(cifar_model('shufflenetv1', 3), nn.Sequential)  # the others need torchvision only
 
 
 def test_shufflenet_v1_is_the_papers():
