@@ -8,42 +8,68 @@ reference code's CIFAR setting). A seed fixes the data split, the labelled subse
 initialisation, so the differences to the student alone are paired. Results go one JSON line per run to
 `bench/out/distill.jsonl` as they finish and each teacher to `bench/out/distill_teachers/` (`learn.save`); runs already
 there are skipped and saved teachers reloaded with `load_teacher`, so an interrupted benchmark resumes. Not run by CI.
+Another student method is one more entry of `STUDENTS` (and of `NO_TEACHER` if it does not use the teacher).
 
 Deviations from the paper: digits at 16x16 instead of CIFAR-100/ImageNet, two CNNs instead of ResNets, Adam with
 one-cycle and few epochs instead of SGD over 300 epochs; view 2 without flip (digits are not mirror-symmetric).
 """
 import sys, time, warnings
+from functools import partial
 from pathlib import Path
-import numpy as np
 import torch
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from paired import reseed, SkipValidation, fit, evaluate, load_rows, append_row, complete, mean_std, delta_cells
+from fastai_cds.benchmark import reseed, SkipValidation, timed_fit, evaluate, RunLog, Paired, markdown_table
 
-METHODS = ['student', 'KD', 'CDS', 'CDS+KD']
+STUDENTS = {  # method: the student's callbacks, given the teacher and CDS's view 2
+    'student': lambda teacher, v2: [],
+    'KD': lambda teacher, v2: [KDCallback(teacher)],
+    'CDS': lambda teacher, v2: [CDSCallback(view2_tfms=v2, verbose=False)],
+    'CDS+KD': lambda teacher, v2: [CDSCallback(teacher=teacher, view2_tfms=v2, verbose=False)]}
+METHODS = list(STUDENTS)
+NO_TEACHER = {'student', 'CDS'}  # the students that do not use the teacher: their runs do not depend on its settings
 
-def student_cbs(method:str, teacher:Learner, v2:list)->list:
-    return {'student': [], 'KD': [KDCallback(teacher)], 'CDS': [CDSCallback(view2_tfms=v2, verbose=False)],
-            'CDS+KD': [CDSCallback(teacher=teacher, view2_tfms=v2, verbose=False)]}[method]
+def key(r:dict)->list[str]:
+    "The fields that identify run `r`: those of a teacher only where the run uses one"
+    teacher = [] if r['method'] in NO_TEACHER else ['teacher_epochs', 'teacher_width']
+    return ['method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs'] + teacher
+
+def run(method:str, seed:int, label_fraction:float, epochs:int, teacher_epochs:int, teacher_width:int, size:int, lr:float, bs:int,
+        teachers:Path, **_)->dict:
+    "Train the teacher (saved in `teachers`) or one student (with the saved teacher, trained first if it is missing); accuracy and time"
+    dls = digits_dls(size=size, label_fraction=label_fraction, seed=seed, bs=bs, device='cpu')
+    info, v2 = dict(n_train=len(dls.train_ds), n_valid=len(dls.valid_ds)), simclr_tfms(n_channels=1, flip=False)
+    tfile = teachers/f"teacher_s{seed}_lf{label_fraction}_e{teacher_epochs}_w{teacher_width}_sz{size}_lr{lr}_bs{bs}"
+    def new_teacher():
+        reseed(seed, dls)
+        return Learner(dls, small_cnn(width=teacher_width), loss_func=CrossEntropyLossFlat(),
+                       cbs=[SkipValidation(), CDSCallback(view2_tfms=v2, verbose=False)])
+    teacher = None
+    if method == 'teacher' or (method not in NO_TEACHER and not tfile.with_suffix('.pth').exists()):
+        teacher = new_teacher()
+        secs = timed_fit(teacher, teacher_epochs, lr)
+        teacher.save(tfile)
+        if method == 'teacher': return dict(acc=evaluate(teacher.model.model, dls.valid), secs=secs, **info)
+    elif method not in NO_TEACHER: teacher = load_teacher(new_teacher, tfile)
+    reseed(seed, dls)
+    model = small_cnn()  # same initial weights for every method of this seed
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[SkipValidation(), *STUDENTS[method](teacher, v2)])
+    secs = timed_fit(learn, epochs, lr)
+    return dict(acc=evaluate(model, dls.valid), secs=secs, **info)
 
 def table(rows:list[dict], label_fraction:float, seeds:list[int])->str:
     "Markdown table of one label fraction over the seeds that the teacher and every method finished"
-    by, done = complete(rows, label_fraction, seeds, ['teacher'] + METHODS)
-    if not done: return f"(no complete seed at {label_fraction:.0%} labels yet)"
-    r0, rt = by[('student', done[0])], by[('teacher', done[0])]
-    out = [f"digits {r0['size']}x{r0['size']}, {label_fraction:.0%} of the training labels ({r0['n_train']} images), "
-           f"teacher {rt['teacher_epochs']} epochs, students {r0['epochs']} epochs, {len(done)} paired seeds, "
-           f"{r0['n_valid']} validation images",
-           "", "| model | accuracy % (mean ± std) | Δ vs student alone, points (95% CI) | wins/ties/losses | s/run |",
-           "|---|---|---|---|---|"]
-    base = np.array([by[('student', s)]['acc'] for s in done])
-    for m in ['teacher'] + METHODS:
-        acc, secs = np.array([by[(m, s)]['acc'] for s in done]), np.mean([by[(m, s)]['secs'] for s in done])
-        name = f"teacher cnn({r0['teacher_width']}), CDS" if m == 'teacher' else f'student small_cnn, {m}'
-        diff, wtl = ('—', '—') if m in ('teacher', 'student') else delta_cells(acc, base)
-        out.append(f"| {name} | {mean_std(acc)} | {diff} | {wtl} | {secs:.1f} |")
-    return '\n'.join(out)
+    p = Paired(rows, ['teacher'] + METHODS, seeds, 'student', label_fraction=label_fraction)
+    if not p.seeds: return f"(no complete seed at {label_fraction:.0%} labels yet)"
+    r0, rt = p.first('student'), p.first('teacher')
+    return (f"digits {r0['size']}x{r0['size']}, {label_fraction:.0%} of the training labels ({r0['n_train']} images), "
+            f"teacher {rt['teacher_epochs']} epochs, students {r0['epochs']} epochs, {len(p.seeds)} paired seeds, "
+            f"{r0['n_valid']} validation images\n\n" +
+            markdown_table(['model', 'accuracy % (mean ± std)', 'Δ vs student alone, points (95% CI)', 'wins/ties/losses', 's/run'],
+                           [[f"teacher cnn({rt['teacher_width']}), CDS" if m == 'teacher' else f'student small_cnn, {m}',
+                             p.mean_std(m), *(('—', '—') if m == 'teacher' else p.delta(m)), f"{p.mean(m, 'secs'):.1f}"]
+                            for m in ['teacher'] + METHODS]))
 
 @call_parse
 def main(
@@ -66,46 +92,13 @@ def main(
     torch.set_num_threads(threads)
     print(f"python bench/distill.py {' '.join(sys.argv[1:])}".strip() + "\n", flush=True)
     fracs, seed_list = [float(f) for f in fractions.split(',')], list(range(first_seed, first_seed+seeds))
-    path = Path(out); path.parent.mkdir(parents=True, exist_ok=True)
-    tdir = (path.parent/'distill_teachers').absolute(); tdir.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(path)
-    cfg = lambda lf: dict(label_fraction=lf, epochs=epochs_low if lf < 0.5 else epochs_high, teacher_epochs=teacher_factor*(epochs_low if lf < 0.5 else epochs_high),
-                          teacher_width=teacher_width, size=size, lr=lr, bs=bs)
-    key = lambda r: tuple(r[k] for k in ('method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs')) + (  # runs without a teacher
-        (r['teacher_epochs'], r['teacher_width']) if r['method'] in ('teacher', 'KD', 'CDS+KD') else ())  # don't depend on it
-    have = {key(r) for r in rows}
-    v2 = simclr_tfms(n_channels=1, flip=False)
-    start = time.time()
-    def record(r):
-        rows.append(r); have.add(key(r)); append_row(path, r)
-        print(f"seed {r['seed']} {r['label_fraction']:.0%} {r['method']:<8} acc {r['acc']*100:6.2f}%  {r['secs']:6.1f}s  "
-              f"(total {time.time()-start:6.0f}s)", flush=True)
-    if not report_only:
-        for seed in seed_list:  # seed-major: an interrupted run leaves complete seeds
-            for lf in fracs:
-                c = cfg(lf)
-                todo = [m for m in ['teacher'] + METHODS if key(dict(method=m, seed=seed, **c)) not in have]
-                if not todo: continue
-                dls = digits_dls(size=size, label_fraction=lf, seed=seed, bs=bs, device='cpu')
-                info = dict(n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), threads=threads)
-                tfile = tdir/f"teacher_s{seed}_lf{lf}_e{c['teacher_epochs']}_w{teacher_width}_sz{size}_lr{lr}_bs{bs}"
-                def new_teacher():
-                    reseed(seed, dls)
-                    return Learner(dls, small_cnn(width=teacher_width), loss_func=CrossEntropyLossFlat(),
-                                   cbs=[SkipValidation(), CDSCallback(view2_tfms=v2, verbose=False)])
-                if 'teacher' in todo or not tfile.with_suffix('.pth').exists():
-                    teacher = new_teacher()
-                    secs = fit(teacher, c['teacher_epochs'], lr)
-                    teacher.save(tfile)
-                    if 'teacher' in todo: record(dict(method='teacher', seed=seed, **c, acc=evaluate(teacher.model.model, dls.valid), secs=secs, **info))
-                else: teacher = load_teacher(new_teacher, tfile)
-                for m in METHODS:
-                    if m not in todo: continue
-                    reseed(seed, dls)
-                    model = small_cnn()  # same initial weights for every method of this seed
-                    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[SkipValidation(), *student_cbs(m, teacher, v2)])
-                    secs = fit(learn, c['epochs'], lr)
-                    record(dict(method=m, seed=seed, **c, acc=evaluate(model, dls.valid), secs=secs, **info))
-    sel = [r for r in rows if key(r) == key(dict(method=r['method'], seed=r['seed'], **cfg(r['label_fraction'])))]
+    teachers = (Path(out).parent/'distill_teachers').absolute(); teachers.mkdir(parents=True, exist_ok=True)
+    epochs = lambda lf: epochs_low if lf < 0.5 else epochs_high
+    configs = [dict(method=m, seed=s, label_fraction=lf, epochs=epochs(lf), teacher_epochs=teacher_factor*epochs(lf),
+                    teacher_width=teacher_width, size=size, lr=lr, bs=bs)
+               for s in seed_list for lf in fracs for m in ['teacher'] + METHODS]  # seed-major, the teacher first
+    log, start = RunLog(out, key), time.time()
+    if not report_only: log.run(configs, partial(run, teachers=teachers), threads=threads)
+    sel = log.select(configs)
     print(f"\nmachine: {torch.get_num_threads()} torch thread(s), CPU, torch {torch.__version__}; total {time.time()-start:.0f}s\n")
     for lf in fracs: print(table(sel, lf, seed_list) + '\n')

@@ -12,14 +12,14 @@
 (3) `--train-steps` real CDS training steps (bf16) of the CIFAR ResNet18 on synthetic CIFAR-shaped data (a class-wise
     pattern plus noise): the mean training loss of the first and last 20 steps.
 """
-import os, statistics, sys, time, warnings
+import os, sys, time, warnings
 import numpy as np
 import torch, torchvision
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
 from fastai_cds.recipe import speedups
-from overhead import start_training, bench_loaders
+from fastai_cds.benchmark import start_training, interleaved_times, bench_loaders
 
 def models(tiny:bool)->list:
     "(name, model maker, image size, N)"
@@ -54,19 +54,15 @@ def step_table(name, make, size, n, device, reps, warmup, backend)->list:
         ls = {'CDS': learner(make, dls, True, backend=backend, **kw), 'plain 2N': learner(make, dls, False, backend=backend, **kw)}
         bs = {'CDS': (x, y), 'plain 2N': (x, torch.cat([y, y]))}
         for l in ls.values(): start_training(l)
-        sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-        ts, mem = {k: [] for k in ls}, {}
-        for r in range(warmup + reps):
-            for k in (list(ls) if r % 2 == 0 else list(ls)[::-1]):
-                if dev.type == 'cuda' and r == warmup: torch.cuda.reset_peak_memory_stats()
-                sync(); t = time.perf_counter(); ls[k].one_batch(0, bs[k]); sync()
-                if r >= warmup: ts[k].append(time.perf_counter() - t)
+        t = interleaved_times({k: (lambda k=k: ls[k].one_batch(0, bs[k])) for k in ls}, reps, warmup,
+                              sync=torch.cuda.synchronize if dev.type == 'cuda' else None)
+        mem = {}
         if dev.type == 'cuda':  # peak of a step of each, measured alone
             for k in ls:
                 torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); ls[k].one_batch(0, bs[k]); torch.cuda.synchronize()
                 mem[k] = torch.cuda.max_memory_allocated()
-        c, p = statistics.median(ts['CDS'])*1000, statistics.median(ts['plain 2N'])*1000
-        rows.append((name, n, setting, c, p, c/p, mem['CDS']/mem['plain 2N'] if mem else None))
+        rows.append((name, n, setting, t.median['CDS'], t.median['plain 2N'], t.ratio('CDS', 'plain 2N'),
+                     mem['CDS']/mem['plain 2N'] if mem else None))
         for l in ls.values(): l.model._compiled_call_impl = None
     return rows
 

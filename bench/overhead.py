@@ -19,44 +19,19 @@
 Models: a CIFAR-style ResNet18 at 32x32 (3x3 stride-1 stem, no max-pool) and torchvision's ResNet18 at 64x64, N=32.
 On a CPU every op runs synchronously, so wall time around a step is its time. Not run by CI.
 """
-import io, itertools, math, os, statistics, tempfile, time, warnings
+import itertools, os, tempfile, warnings
 from pathlib import Path
-import numpy as np, PIL.Image
+import PIL.Image
 import torch, torch.nn as nn, torchvision
 from torch.profiler import profile, ProfilerActivity
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-
-STATS = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
+from fastai_cds.benchmark import CIFAR_STATS, synthetic_items, image_dls, start_training, interleaved_times, images_per_s, bench_loaders
 
 MODELS = {'CIFAR ResNet18 32x32': (lambda: cifar_resnet('resnet18', 10), 32), 'ResNet18 64x64': (lambda: torchvision.models.resnet18(num_classes=10), 64)}
 
-def synthetic_items(n:int, size:int, seed:int=0)->list:
-    "`n` random RGB uint8 images with labels in 0..9 (the content does not matter for speed)"
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), int(rng.integers(10))) for _ in range(n)]
-
-def image_dls(items:list, bs:int)->DataLoaders:
-    "fastai DataLoaders of `items`: flip and Normalize as training batch transforms"
-    db = DataBlock(blocks=(ImageBlock, CategoryBlock), getters=[ItemGetter(0), ItemGetter(1)], splitter=IndexSplitter([0]),
-                   batch_tfms=[Flip(), Normalize.from_stats(*STATS, cuda=False)])
-    return db.dataloaders(items, bs=bs, num_workers=0, device='cpu')
-
-def median_ms(ts:list[float])->float: return statistics.median(ts)*1000
-
 # ---------------------------------------------------------------- (a) training steps
-def start_training(learn:Learner, lr:float=1e-3):
-    "Put `learn` in the state of a training epoch, as `fit` does, without running its batches"
-    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
-    if learn.opt is None: learn.create_opt()
-    learn.opt.set_hypers(lr=lr)
-    learn.n_epoch = 1
-    learn('before_fit'); learn.epoch = 0; learn('before_epoch')
-    learn.dl = learn.dls.train
-    learn('before_train')
-    learn.n_iter = 10**6
-
 def state_bytes(learn:Learner, batch:tuple)->int:
     "Bytes of the tensors that live across steps: parameters, gradients, optimizer state, the batch"
     ps = list(learn.model.parameters())
@@ -71,12 +46,6 @@ def step_peak_bytes(learn:Learner, batch:tuple)->int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: learn.one_batch(0, batch)
     evs = sorted(prof.events(), key=lambda e: e.time_range.start)
     return max(itertools.accumulate(e.self_cpu_memory_usage for e in evs), default=0)
-
-def _median_of(f, reps:int)->float:
-    f(); ts = []
-    for _ in range(reps):
-        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
-    return median_ms(ts)
 
 def component_fns(learn:Learner, x:Tensor, y:Tensor)->dict:
     "The parts of a CDS step beyond the plain one, as functions to time alone: every head, the contrastive losses"
@@ -124,15 +93,7 @@ def bench_steps(name:str, make, size:int, n:int, reps:int, warmup:int, profile_t
     fns = {k: (lambda k=k: learners[k].one_batch(0, batches[k])) for k in steps}
     parts = component_fns(cds, x, y)
     fns.update(parts)
-    names = list(fns)
-    times = {k: [] for k in names}
-    for r in range(warmup + reps):
-        j = r % len(names)
-        for k in names[j:] + names[:j]:  # rotate the order every round
-            t = time.perf_counter(); fns[k](); dt = time.perf_counter() - t
-            if r >= warmup: times[k].append(dt)
-    med = {k: median_ms(v) for k,v in times.items()}
-    best = {k: min(v)*1000 for k,v in times.items()}
+    t = interleaved_times(fns, reps, warmup)
     mem = {k: state_bytes(learners[k], batches[k]) + step_peak_bytes(learners[k], batches[k]) for k in STEPS}
     for k in COMPILED if compiled else []: learners[k].model._compiled_call_impl = None  # nothing compiled left behind for the export
     prof_rows = []
@@ -140,7 +101,7 @@ def bench_steps(name:str, make, size:int, n:int, reps:int, warmup:int, profile_t
         for k in STEPS[:2]:
             with profile(activities=[ProfilerActivity.CPU]) as prof: fns[k]()
             prof_rows.append((k, prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=profile_top)))
-    return dict(name=name, n=n, med=med, best=best, mem=mem, parts=list(parts), prof=prof_rows, cds=cds, compiled=compiled,
+    return dict(name=name, n=n, med=t.median, best=t.best, mem=mem, parts=list(parts), prof=prof_rows, cds=cds, compiled=compiled,
                 plain=learners['plain N'], x=x)
 
 # ---------------------------------------------------------------- (b) two views
@@ -149,21 +110,12 @@ class PILTwoViews(torch.utils.data.Dataset):
     def __init__(self, items:list, size:int):
         import torchvision.transforms as T
         self.ims, self.ys = [PIL.Image.fromarray(im) for im,_ in items], [y for _,y in items]
-        norm = [T.ToTensor(), T.Normalize(*STATS)]
+        norm = [T.ToTensor(), T.Normalize(*CIFAR_STATS)]
         self.v1 = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), *norm])
         self.v2 = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.)), T.RandomHorizontalFlip(),
                              T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2), *norm])
     def __len__(self): return len(self.ims)
     def __getitem__(self, i): return self.v1(self.ims[i]), self.v2(self.ims[i]), self.ys[i]
-
-def images_per_s(batches, n_images:int, rounds:int)->float:
-    "Best of `rounds` passes over `batches()` (an iterator factory), in images per second"
-    best = math.inf
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _b in batches(): pass
-        best = min(best, time.perf_counter() - t)
-    return n_images/best
 
 def bench_views(size:int, bs:int, n_batches:int, rounds:int)->dict:
     "Two-view throughput of our batch views and of the per-item PIL pipeline"
@@ -184,53 +136,10 @@ def bench_views(size:int, bs:int, n_batches:int, rounds:int)->dict:
     for view, pipe in (('view 1', tw.fs[0].view1), ('view 2', tw.fs[0].view2)):
         cur = b
         for f in pipe.fs:
-            per_tfm.append((view, type(f).__name__, _median_of(lambda: f(cur, split_idx=0), rounds)))
+            per_tfm.append((view, type(f).__name__, interleaved_times({'f': lambda: f(cur, split_idx=0)}, rounds).median['f']))
             cur = f(cur, split_idx=0)
     with profile(activities=[ProfilerActivity.CPU]) as prof: tw(raw[0])
     return res, per_tfm, prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=10)
-
-class ReferenceCutout:
-    "The reference's Cutout: one `length` square, centre uniform over the image, clipped, zeroed on the [0, 1] tensor"
-    def __init__(self, length:int=16): self.length = length
-    def __call__(self, t:Tensor)->Tensor:
-        h, w = t.shape[1:]
-        y, x = np.random.randint(h), np.random.randint(w)
-        t[:, max(0, y - self.length//2):y + self.length//2, max(0, x - self.length//2):x + self.length//2] = 0.
-        return t
-
-class ReferenceCIFARTwoCrop(torch.utils.data.Dataset):
-    "The reference's CIFAR loading: uint8 arrays in memory (as torchvision's CIFAR10), per item a PIL image and TwoCropTransform"
-    def __init__(self, items:list):
-        import torchvision.transforms as T
-        self.ims, self.ys = [im for im,_ in items], [y for _,y in items]
-        norm = [T.ToTensor(), T.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))]
-        self.v1 = T.Compose([T.RandomCrop(32, padding=4, fill=128), T.RandomHorizontalFlip(), T.ToTensor(), ReferenceCutout(16), norm[1]])
-        self.v2 = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                             T.RandomGrayscale(0.2), *norm])
-    def __len__(self): return len(self.ims)
-    def __getitem__(self, i):
-        im = PIL.Image.fromarray(self.ims[i])
-        return self.v1(im), self.v2(im), self.ys[i]
-
-def _synced(dl, sync):
-    "The batches of `dl`, then wait for the device"
-    yield from dl
-    sync()
-
-def bench_loaders(bs:int, n_batches:int, rounds:int, workers:tuple=(0, 2), device=None)->dict:
-    "Whole two-view CIFAR loaders, images/s: ours in memory (TensorImageDL, the reference views on the batch, on `device`) vs the reference's per-item PIL"
-    items = synthetic_items(bs*n_batches, 32, seed=2)
-    ims, ys = torch.from_numpy(np.stack([im for im,_ in items])).permute(0, 3, 1, 2).contiguous(), torch.tensor([y for _,y in items])
-    views = reference_views('cifar')
-    res = {}
-    for nw in workers:
-        dls = tensor_dls((ims, ys), (ims[:bs], ys[:bs]), [str(i) for i in range(10)], bs=bs, batch_tfms=views.batch_tfms, device=device)  # no workers
-        tdl = two_view_dl(dls.train, views.view2_tfms)  # what CDSCallback trains on: (2*bs, 3, 32, 32), both views normalised
-        ref = torch.utils.data.DataLoader(ReferenceCIFARTwoCrop(items), batch_size=bs, shuffle=True, num_workers=nw, drop_last=True,
-                                          persistent_workers=nw > 0)
-        sync = (lambda: torch.cuda.synchronize()) if torch.device(device or 'cpu').type == 'cuda' else (lambda: None)
-        res[nw] = {'ours': images_per_s(lambda: _synced(tdl, sync), len(tdl)*bs, rounds), 'reference': images_per_s(lambda: iter(ref), len(ref)*bs, rounds)}
-    return res
 
 # ---------------------------------------------------------------- (c) export
 def bench_export(r:dict, reps:int)->dict:
@@ -239,16 +148,9 @@ def bench_export(r:dict, reps:int)->dict:
     r['cds'].export(d/'cds.pkl'); r['plain'].export(d/'plain.pkl')
     ms = {k: load_learner(d/f'{f}.pkl').model.eval() for k,f in (('cds', 'cds'), ('plain', 'plain'), ('plain again', 'plain'))}
     x = r['x'][:r['n']]
-    times = {k: [] for k in ms}
-    names = list(ms)
-    with torch.no_grad():
-        for k in ms: ms[k](x)
-        for i in range(reps):
-            j = i % len(names)
-            for k in names[j:] + names[:j]:
-                t = time.perf_counter(); ms[k](x); times[k].append(time.perf_counter() - t)
+    with torch.no_grad(): t = interleaved_times({k: (lambda m=m: m(x)) for k,m in ms.items()}, reps)
     return dict(params={k: sum(p.numel() for p in m.parameters()) for k,m in ms.items()},
-                size={k: (d/f'{k}.pkl').stat().st_size for k in ('cds', 'plain')}, lat={k: median_ms(v) for k,v in times.items()},
+                size={k: (d/f'{k}.pkl').stat().st_size for k in ('cds', 'plain')}, lat=t.median,
                 train_params=sum(p.numel() for p in r['cds'].model.parameters()))
 
 # ---------------------------------------------------------------- report

@@ -13,17 +13,17 @@ one-cycle and few epochs instead of SGD over 300 epochs; view 2 without flip (di
 """
 import math, sys, time, warnings
 from pathlib import Path
-import numpy as np
 import torch
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from paired import VIEWS, digits_views, reseed, SkipValidation, fit, evaluate, load_rows, append_row, complete, mean_std, delta_cells
+from fastai_cds.benchmark import digits_views, reseed, SkipValidation, timed_fit, evaluate, RunLog, Paired, markdown_table
 
 METHODS = ['baseline', 'CDS', 'semi-CDS']
 LABELS = {'baseline': 'baseline (labelled part)', 'CDS': 'CDS (labelled part)', 'semi-CDS': 'semi-supervised CDS (+ unlabelled rest)'}
+KEY = ['method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs', 'weight', 'views']  # what identifies a run (missing: 'default')
 
-def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:float, bs:int, weight:float, views:str='reference')->dict:
+def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:float, bs:int, weight:float, views:str='reference', **_)->dict:
     "Train one model; its accuracy and time"
     batch_tfms, v2 = digits_views(views, size)
     dls, udl = digits_dls(size=size, label_fraction=label_fraction, seed=seed, bs=bs, device='cpu', unlabelled=True, batch_tfms=batch_tfms)
@@ -32,43 +32,38 @@ def run(method:str, seed:int, label_fraction:float, epochs:int, size:int, lr:flo
     reseed(seed, dls)
     model = small_cnn()  # same initial weights for every method of this seed
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[SkipValidation(), *cbs])
-    secs = fit(learn, epochs, lr)
+    secs = timed_fit(learn, epochs, lr)
     return dict(acc=evaluate(model, dls.valid), secs=secs, n_train=len(dls.train_ds), n_unlabelled=len(udl.dataset),
                 n_valid=len(dls.valid_ds), steps=epochs*len(dls.train))
 
 def table(rows:list[dict], fracs:list[float], seeds:list[int])->str:
     "One markdown table over the label fractions, each over the seeds that every method finished there"
-    out = ["| labels | method | accuracy % (mean ± std) | Δ vs baseline, points (95% CI) | wins/ties/losses | steps | s/run |",
-           "|---|---|---|---|---|---|---|"]
+    cells = []
     for lf in fracs:
-        by, done = complete(rows, lf, seeds, METHODS)
-        if not done: out.append(f"| {lf:.0%} | (no complete seed yet) | | | | | |"); continue
-        r0 = by[('baseline', done[0])]
-        base = np.array([by[('baseline', s)]['acc'] for s in done])
-        for m in METHODS:
-            acc, secs = np.array([by[(m, s)]['acc'] for s in done]), np.mean([by[(m, s)]['secs'] for s in done])
-            diff, wtl = ('—', '—') if m == 'baseline' else delta_cells(acc, base)
-            labels = f"{lf:.0%} ({r0['n_train']} labelled, {r0['epochs']} ep, {len(done)} seeds)"
-            out.append(f"| {labels} | {m} | {mean_std(acc)} | {diff} | {wtl} | {by[(m, done[0])]['steps']} | {secs:.1f} |")
-    return '\n'.join(out)
+        p = Paired(rows, METHODS, seeds, 'baseline', label_fraction=lf)
+        if not p.seeds: cells.append([f"{lf:.0%}", '(no complete seed yet)', '', '', '', '', '']); continue
+        r0 = p.first('baseline')
+        labels = f"{lf:.0%} ({r0['n_train']} labelled, {r0['epochs']} ep, {len(p.seeds)} seeds)"
+        cells += [[labels, m, p.mean_std(m), *p.delta(m), p.first(m)['steps'], f"{p.mean(m, 'secs'):.1f}"] for m in METHODS]
+    return markdown_table(['labels', 'method', 'accuracy % (mean ± std)', 'Δ vs baseline, points (95% CI)', 'wins/ties/losses', 'steps',
+                           's/run'], cells)
 
 def plot(rows:list[dict], fracs:list[float], seeds:list[int], fname:Path):
     "Accuracy vs label ratio, one line per method, error bars = std over the paired seeds (the paper's Fig. 2)"
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    paired = [Paired(rows, METHODS, seeds, 'baseline', label_fraction=lf) for lf in fracs]
     for k, m in enumerate(METHODS):
         xs, ys, es = [], [], []
-        for lf in fracs:
-            by, done = complete(rows, lf, seeds, METHODS)
-            if not done: continue
-            acc = np.array([by[(m, s)]['acc'] for s in done])*100
+        for lf, p in zip(fracs, paired):
+            if not p.seeds: continue
+            acc = p.values(m)*100
             xs.append(lf*100 + (k-1)*0.6); ys.append(acc.mean()); es.append(acc.std(ddof=1) if len(acc) > 1 else 0)
         ax.errorbar(xs, ys, yerr=es, marker='o', capsize=3, label=LABELS[m])
     ax.set_xlabel('labelled fraction of the training set (%)'); ax.set_ylabel('validation accuracy (%)')
     ax.set_xticks([lf*100 for lf in fracs])
-    n = min(len(complete(rows, lf, seeds, METHODS)[1]) for lf in fracs)
-    ax.set_title(f'digits 16x16, small CNN, mean ± std over {n} paired seeds', fontsize=9)
+    ax.set_title(f'digits 16x16, small CNN, mean ± std over {min(len(p.seeds) for p in paired)} paired seeds', fontsize=9)
     ax.legend(fontsize=8); ax.grid(alpha=0.3)
     fig.tight_layout(); fig.savefig(fname, dpi=120); plt.close(fig)
 
@@ -93,26 +88,17 @@ def main(
     torch.set_num_threads(threads)
     print(f"python bench/semisup.py {' '.join(sys.argv[1:])}".strip() + "\n", flush=True)
     fracs, seed_list = [float(f) for f in fractions.split(',')], list(range(first_seed, first_seed+seeds))
-    path = Path(out); path.parent.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(path)
     n_batches = {lf: len(digits_dls(size=size, label_fraction=lf, bs=bs, device='cpu').train) for lf in fracs}  # the same for every seed
-    cfg = lambda lf: dict(label_fraction=lf, epochs=math.ceil(steps/n_batches[lf]), size=size, lr=lr, bs=bs, weight=weight, views=views)
-    key = lambda r: tuple(r.get(k, 'default') for k in ('method', 'seed', 'label_fraction', 'epochs', 'size', 'lr', 'bs', 'weight', 'views'))
-    have = {key(r) for r in rows}
-    start = time.time()
-    if not report_only:
-        for seed in seed_list:  # seed-major: an interrupted run leaves complete seeds
-            for lf in fracs:
-                for m in METHODS:
-                    c = dict(method=m, seed=seed, **cfg(lf))
-                    if key(c) in have: continue
-                    r = {**c, **run(m, seed, lf, c['epochs'], size, lr, bs, weight, views), 'threads': threads}
-                    rows.append(r); have.add(key(r)); append_row(path, r)
-                    print(f"seed {seed} {lf:.0%} {m:<9} acc {r['acc']*100:6.2f}%  {r['secs']:5.1f}s  (total {time.time()-start:6.0f}s)", flush=True)
-    sel = [r for r in rows if r['label_fraction'] in n_batches and key(r) == key(dict(method=r['method'], seed=r['seed'], **cfg(r['label_fraction'])))]
+    configs = [dict(method=m, seed=s, label_fraction=lf, epochs=math.ceil(steps/n_batches[lf]), size=size, lr=lr, bs=bs, weight=weight,
+                    views=views)
+               for s in seed_list for lf in fracs for m in METHODS]  # seed-major: an interrupted run leaves complete seeds
+    log, start = RunLog(out, KEY), time.time()
+    if not report_only: log.run(configs, run, threads=threads)
+    sel = log.select(configs)
     print(f"\nmachine: {torch.get_num_threads()} torch thread(s), CPU, torch {torch.__version__}; total {time.time()-start:.0f}s\n")
     print(f"digits 16x16, small_cnn, Adam one-cycle lr {lr}, bs {bs} (+{bs} unlabelled for semi-CDS), at least {steps} steps per run, "
           f"CDS weight {weight}\n")
     print(table(sel, fracs, seed_list))
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
     plot(sel, fracs, seed_list, Path(png))
     print(f"\nplot: {png}")

@@ -20,7 +20,7 @@ from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai.callback.hook import hook_outputs
 from fastai_cds.all import *
-from overhead import synthetic_items, image_dls, start_training
+from fastai_cds.benchmark import synthetic_items, image_dls, start_training, interleaved_times
 
 class Parts:
     "Process CPU time of named parts, one list of measures per name"
@@ -83,16 +83,12 @@ def main(
         plain.opt.step(); plain.opt.zero_grad(); P.lap('plain: optimizer step + zero_grad')
         P.total('plain by hand: total', t0)
 
-    def fastai_cds():
-        t0 = P.start(); cds.one_batch(0, (x, y)); P.total("fastai CDS step", t0)
-    def fastai_plain():
-        t0 = P.start(); plain.one_batch(0, (x, y2)); P.total("fastai plain 2N step", t0)
-
-    fns = [fastai_cds, fastai_plain, cds_by_hand, plain_by_hand]
-    for r in range(warmup + reps):
-        if r == warmup: P.t.clear()
-        for f in fns[r % 4:] + fns[:r % 4]: f()
-    med = {k: statistics.median(v)*1000 for k,v in P.t.items()}
+    fns = {"fastai CDS step": lambda: cds.one_batch(0, (x, y)), "fastai plain 2N step": lambda: plain.one_batch(0, (x, y2)),
+           'CDS by hand': cds_by_hand, 'plain by hand': plain_by_hand}
+    interleaved_times(fns, warmup, 0)  # the warm-up rounds
+    P.t.clear()
+    t = interleaved_times(fns, reps, 0, clock=time.process_time)  # the hand-written steps time their parts themselves
+    med = {**{k: statistics.median(v)*1000 for k,v in P.t.items()}, **{k: t.median[k] for k in list(fns)[:2]}}
     ref = med['fastai plain 2N step']
     print(f"CIFAR-style ResNet18 32x32, N={n} (2N={2*n} through the network), {torch.get_num_threads()} thread(s), CPU time, "
           f"medians of {reps} interleaved rounds\n")

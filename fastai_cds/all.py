@@ -11,9 +11,12 @@ from .backbone import backbone_state, export_backbone
 from .callback import ScopedCallback
 from .views import (RandomResizedCropBatch, PadCropFlip, RandomGrayscale, ColorJitterBatch, Cutout, simclr_tfms,
                     PresizeItems, Views, reference_views, two_view_dl, show_views)
-from .core import LossTerms, set_loss, LossTermCallback, DeepSupervisionCallback
+from .core import LossTerms, set_loss, LossTermCallback, DeepSupervisionCallback, FiniteLossCallback
 from .semi import stratified_fraction, split_labelled, SemiSupervisedCallback
-from .distill import Teacher, load_teacher, Distiller, reference_distillation, DistillCallback, KDCallback
+from .distill import (Teacher, load_teacher, Distiller, reference_distillation, DistillCallback, TeacherCallback, KDCallback,
+                      pair_stages, FeatureDistillCallback)
+from .stage_distill import FitNetCallback, ATCallback, SPCallback
+from .embedding_distill import RKDCallback, CRDCallback, item_index_dls, distill_callbacks
 from .cds import CDSCallback
 from .baselines import DSNCallback, DKSCallback, DHMCallback, method_callbacks
 from .precision import DeviceMixedPrecision, to_mixed_precision
@@ -21,7 +24,7 @@ from .compile import compile_model, CompileCallback
 from .digits import digits_items, digits_stats, digits_dls
 from .tensor_data import TensorImages, TensorImageDL, tensor_dls, folder_tensor_dls
 from .metrics import calibration_bins, ece, ExpectedCalibrationError, plot_reliability, BestMetrics
-from .architectures import small_cnn, get_arch, cifar_stem, reference_stem, cifar_resnet
+from .architectures import small_cnn, get_arch, cifar_stem, reference_stem, cifar_resnet, cifar_model, shufflenet_v1
 from .schedule import step_schedule
 from .parallel import init_distributed, distributed
 from .resume import CheckpointCallback, checkpointing

@@ -13,7 +13,7 @@ from .model import DeepSupervisionModel
 # %% auto #0
 __all__ = ['backbone_state', 'export_backbone']
 
-# %% ../nbs/06_backbone.ipynb #0639ef23
+# %% ../nbs/06_backbone.ipynb #992cbf3a
 _CLASSIFIERS = ('fc', 'classifier', 'head', 'heads')  # torchvision's names for the task's last layers
 
 def _without(sd:dict, names)->dict: return {k:v for k,v in sd.items() if not any(k.startswith(f'{n}.') for n in names)}
@@ -36,7 +36,8 @@ def _timm_model(m:nn.Module)->nn.Module|None:
 def _torchvision_state(m:nn.Module, arch)->dict:
     "The state of a torchvision model `m` without its classifier, or of the body of fastai's model of `arch` under torchvision's names"
     if type(m).__module__.startswith('torchvision.models'): return _without(m.state_dict(), _CLASSIFIERS)
-    if (getattr(arch, '__module__', None) or '').startswith('torchvision.models') and isinstance(m, nn.Sequential) and isinstance(m[0], nn.Sequential):
+    fastai_body = isinstance(m, nn.Sequential) and isinstance(m[0], nn.Sequential)
+    if (getattr(arch, '__module__', None) or '').startswith('torchvision.models') and fastai_body:
         return _torchvision_names(m[0], arch)
     hint = "; it holds a timm model: use format='timm'" if _timm_model(m) else ''
     raise ValueError(f"export_backbone(format='torchvision') needs `vision_learner(dls, <torchvision arch>)` or a Learner on a "
@@ -45,11 +46,13 @@ def _torchvision_state(m:nn.Module, arch)->dict:
 def _timm_state(m:nn.Module)->dict:
     "The state of the timm model inside `m`, without its classifier"
     tm = _timm_model(m)
-    if tm is None: raise ValueError(f"export_backbone(format='timm') needs a timm model in the Learner (`vision_learner(dls, 'resnet50')`); "
+    if tm is None: raise ValueError(f"export_backbone(format='timm') needs a timm model in the Learner "
+                                    f"(`vision_learner(dls, 'resnet50')`); "
                                     f"this Learner's model is a {type(m).__name__}")
     cls = next((n for n,o in tm.named_modules() if o is tm.get_classifier() and n), None)
     return _without(tm.state_dict(), [cls] if cls else [])
 
+# %% ../nbs/06_backbone.ipynb #d5b835fb
 def backbone_state(learn:Learner, # a Learner on a torchvision or timm architecture, trained with or without heads
                    format:str='torchvision', # 'torchvision' or 'timm': whose parameter names to use
                   )->dict:
@@ -60,6 +63,7 @@ def backbone_state(learn:Learner, # a Learner on a torchvision or timm architect
     sd = _torchvision_state(m, getattr(learn, 'arch', None)) if format == 'torchvision' else _timm_state(m)
     return {k: v.detach().cpu().clone() for k,v in sd.items()}
 
+# %% ../nbs/06_backbone.ipynb #63aff63f
 def export_backbone(learn:Learner, # a Learner on a torchvision or timm architecture, trained with or without heads
                     fname:str|Path='backbone.pth', # written in `learn.path`, like `learn.export`
                     format:str='torchvision', # 'torchvision' or 'timm': whose parameter names to use

@@ -42,7 +42,8 @@ class DSNCallback(DeepSupervisionCallback):
 
     def before_fit(self):
         super().before_fit()
-        if not self.has_labels: raise ValueError(f"{type(self).__name__} trains its classifiers on the batch labels, but these DataLoaders give none")
+        if not self.has_labels: raise ValueError(f"{type(self).__name__} trains its classifiers on the batch labels, but these "
+                                                 "DataLoaders give none")
 
     def before_batch(self):
         super().before_batch()  # the heads run on the same images

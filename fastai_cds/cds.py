@@ -50,7 +50,8 @@ class CDSCallback(DeepSupervisionCallback):
         super().__init__(**kwargs)
         store_attr('weight,supervised,ce_views,view2_tfms,cross_rank')
         self.head, self.contrastive, self.ids = head_factory(head), SupConLoss(temperature, base_temperature, cross_rank), None
-        self.companions = ([SemiSupervisedCallback(unlabelled)] if unlabelled is not None else []) + ([DistillCallback(teacher)] if teacher is not None else [])
+        self.companions = ([SemiSupervisedCallback(unlabelled)] if unlabelled is not None else []) + (
+            [DistillCallback(teacher)] if teacher is not None else [])
 
     def make_heads(self, stages, final): return nn.ModuleList([self.head(s, final) for s in stages])
     @property
@@ -59,8 +60,9 @@ class CDSCallback(DeepSupervisionCallback):
     def before_fit(self):
         super().before_fit()
         if not self.has_labels:
-            raise ValueError("CDSCallback trains a classifier (the learner's loss on labelled view 1 + contrastive heads), but these DataLoaders "
-                             "give no labels: put the labelled images in the DataLoaders and the unlabelled ones in CDSCallback(unlabelled=...)")
+            raise ValueError("CDSCallback trains a classifier (the learner's loss on labelled view 1 + contrastive heads), but these "
+                             "DataLoaders give no labels: put the labelled images in the DataLoaders and the unlabelled ones in "
+                             "CDSCallback(unlabelled=...)")
         if self.ce_views == 2 and any(isinstance(cb, MixHandler) for cb in self.learn.cbs):
             raise ValueError("CDSCallback(ce_views=2) cannot be combined with MixUp/CutMix, which mix one view: use ce_views=1")
         self.view2 = self.view2_tfms if self.view2_tfms is not None else simclr_tfms(n_channels=self.item_shape[0])
@@ -89,7 +91,8 @@ class CDSCallback(DeepSupervisionCallback):
         if self.taps is None: return
         order, labels = _pair_order([len(i) for i in self.ids], self.x.device), torch.cat(self.ids)
         contra = [self.contrastive(z[order], labels if self.supervised else None) for z in self.taps.heads]
-        set_loss(self, self.loss_grad + self.weight*torch.stack(contra).sum(), {'ce': self.loss_grad, **{f'contra_{i}': c for i,c in enumerate(contra)}})
+        terms = {'ce': self.loss_grad, **{f'contra_{i}': c for i,c in enumerate(contra)}}
+        set_loss(self, self.loss_grad + self.weight*torch.stack(contra).sum(), terms)
     def after_batch(self):
         super().after_batch()
         self.pairs = self.ids = None  # nothing of this batch outlives it

@@ -58,7 +58,8 @@ class _CheckpointLoader:
         n, what = len(state) - len(res.unexpected_keys), 'the backbone' if self.crossed else 'the model'
         left = '; '.join(f"{k}: {len(ks)} ({', '.join(ks[:4])}{', ...' if len(ks) > 4 else ''})"
                          for k,ks in (('missing', res.missing_keys), ('not in the model', res.unexpected_keys)) if ks)
-        loaded = f"loaded {n} of the {len(to.state_dict())} tensors of {what}; {left}" if left else f"loaded {what} ({n} tensors)" if note else ''
+        if left: loaded = f"loaded {n} of the {len(to.state_dict())} tensors of {what}; {left}"
+        else: loaded = f"loaded {what} ({n} tensors)" if note else ''
         kind = f"saved {'without' if to is not self.model else 'with'} heads: " if note else ''
         if loaded: self._say(kind + ', '.join(m for m in (loaded, note) if m))
         return res
@@ -72,7 +73,7 @@ class _CheckpointLoader:
 # %% ../nbs/05_checkpoints.ipynb #88a51d0a
 @delegates(load_model)
 def load_checkpoint(learn:Learner, file:str|Path, device=None, **kwargs)->Learner:
-    "fastai's `learn.load(file)` (from `learn.path/learn.model_dir`), also across learners with and without heads; says what a load leaves out"
+    "fastai's `learn.load(file)`, also across learners with and without heads; says what a load leaves out"
     if device is None and hasattr(learn.dls, 'device'): device = learn.dls.device
     if learn.opt is None: learn.create_opt()
     file = join_path_file(file, learn.path/learn.model_dir, ext='.pth')

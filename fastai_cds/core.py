@@ -4,8 +4,9 @@
 
 # %% ../nbs/09_core.ipynb #d6e43f6a
 from __future__ import annotations
+import math
 from functools import partial
-import torch.nn as nn
+import torch, torch.nn as nn
 from torch import Tensor
 from fastcore.basics import store_attr
 from fastcore.foundation import L
@@ -17,9 +18,10 @@ from .model import DeepSupervisionModel, split_with_heads
 from .callback import ScopedCallback
 
 # %% auto #0
-__all__ = ['LossTerms', 'add_loss_terms', 'set_loss', 'LossTermCallback', 'attach_heads', 'attach_aux', 'DeepSupervisionCallback']
+__all__ = ['LossTerms', 'add_loss_terms', 'set_loss', 'LossTermCallback', 'attach_heads', 'attach_aux', 'DeepSupervisionCallback',
+           'FiniteLossCallback']
 
-# %% ../nbs/09_core.ipynb #0496e282
+# %% ../nbs/09_core.ipynb #c47b4ec3
 class LossTerms(ScopedCallback):
     "Record the loss terms of the callbacks that declare `term_names`: epoch means in the Recorder, every batch in `history`"
     order = Recorder.order + 5
@@ -38,7 +40,8 @@ class LossTerms(ScopedCallback):
         buf[n] = v
         self.logs[k] = (buf, n+1)
     def _find_sources(self):
-        self.sources = sorted([cb for cb in self.learn.cbs if hasattr(cb, 'term_names') and hasattr(cb, 'terms') and cb is not self], key=lambda cb: cb.order)
+        sources = [cb for cb in self.learn.cbs if hasattr(cb, 'term_names') and hasattr(cb, 'terms') and cb is not self]
+        self.sources = sorted(sources, key=lambda cb: cb.order)
         self.names = list(dict.fromkeys(n for cb in self.sources for n in cb.term_names))
         for n in self.names: self.logs.setdefault(n, (None, 0))
     def before_fit(self):
@@ -72,6 +75,7 @@ class LossTerms(ScopedCallback):
         ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
 
+# %% ../nbs/09_core.ipynb #0a671138
 def add_loss_terms(learn:Learner)->LossTerms:
     "The Learner's `LossTerms` callback, added if missing"
     lt = next((cb for cb in learn.cbs if isinstance(cb, LossTerms)), None)
@@ -81,8 +85,10 @@ def add_loss_terms(learn:Learner)->LossTerms:
 def set_loss(cb:Callback, loss:Tensor, terms:dict[str,Tensor]):
     "In `after_loss`: make `loss` the learner's (to backpropagate and to log) and `terms` what `LossTerms` records for `cb`"
     cb.learn.loss_grad, cb.learn.loss = loss, loss.detach().clone()
-    cb.terms = {k: v.as_subclass(Tensor).detach() for k,v in terms.items()}  # plain tensors: a subclass's `detach` is a view keeping another tensor alive
+    # plain tensors: a subclass's `detach` is a view keeping another tensor alive
+    cb.terms = {k: v.as_subclass(Tensor).detach() for k,v in terms.items()}
 
+# %% ../nbs/09_core.ipynb #7408c247
 class LossTermCallback(ScopedCallback):
     "Base of the callbacks that add terms to the loss: joining a Learner, it brings `LossTerms` and its `companions`"
     term_names, companions = [], []
@@ -94,7 +100,7 @@ class LossTermCallback(ScopedCallback):
         "The `companions` leave `learn` with it"
         learn.remove_cbs([cb for cb in self.companions if cb in learn.cbs])
 
-# %% ../nbs/09_core.ipynb #4fa44267
+# %% ../nbs/09_core.ipynb #39658078
 def _rebuild_opt(learn:Learner):
     "Make `learn.opt` again for new parameters, keeping the old one's hyper-parameters, frozen groups and state"
     old = learn.opt
@@ -111,6 +117,7 @@ def attach_heads(learn:Learner, heads:nn.ModuleList, stages:list[str|StageInfo])
     _rebuild_opt(learn)
     return ds
 
+# %% ../nbs/09_core.ipynb #3296edd3
 def attach_aux(learn:Learner, name:str, module:nn.Module):
     "Add `module` to the training-time modules of `learn.model` (trained and saved with the heads, never exported)"
     learn.model.aux[name] = module
@@ -141,9 +148,17 @@ class DeepSupervisionCallback(LossTermCallback):
         "Find the stages and attach the heads, once"
         m = self.learn.model
         if self.ds is not None and m is self.ds: return
+        others = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, DeepSupervisionCallback) and cb is not self]
+        if others:
+            raise ValueError(f"This Learner has two deep-supervision callbacks ({type(self).__name__} and {', '.join(others)}): each "
+                             "puts its own heads on the model; use one per Learner")
         if isinstance(m, DeepSupervisionModel):
             raise ValueError(f"{type(self).__name__}: this model already carries deep-supervision heads (it is a trained Learner's "
                              "`learn.model`): pass the plain model, `learn.model.model`, and use one such callback per Learner")
+        if len(self.dls.train) == 0:
+            dl = self.dls.train
+            raise ValueError(f"{type(self).__name__}: the training DataLoader has no batch: its {len(dl.dataset)} items make no batch of "
+                             f"bs={dl.bs}{' with drop_last=True' if dl.drop_last else ''}: pass a smaller bs to the DataLoaders")
         b = self.dls.train.one_batch()
         p = next(m.parameters(), None)
         x = b[0][:2].to(p.device if p is not None else b[0].device)
@@ -155,8 +170,10 @@ class DeepSupervisionCallback(LossTermCallback):
 
     def before_fit(self):
         self.setup()
-        if self.dls.n_inp != 1: raise ValueError(f"{type(self).__name__} supports models with one input; these DataLoaders have {self.dls.n_inp}")
-        if self.dls.train.bs < 2: raise ValueError(f"{type(self).__name__} needs a batch size of at least 2 (got {self.dls.train.bs}): pass a larger `bs` to the DataLoaders")
+        if self.dls.n_inp != 1: raise ValueError(f"{type(self).__name__} supports models with one input; these DataLoaders have "
+                                                 f"{self.dls.n_inp}")
+        if self.dls.train.bs < 2: raise ValueError(f"{type(self).__name__} needs a batch size of at least 2 (got {self.dls.train.bs}): "
+                                                   "pass a larger `bs` to the DataLoaders")
         if self.verbose and not self._shown and not rank_distrib():  # one process prints, of a distributed run's N
             print(f"{type(self).__name__}: {len(self.stages)} heads on " + ', '.join(map(repr, self.stages)))
             self._shown = True
@@ -178,3 +195,27 @@ class DeepSupervisionCallback(LossTermCallback):
     def before_batch(self): self.taps = None; self.ds.arm()
     def after_pred(self): self.taps = self.ds.read()
     def after_batch(self): self.taps = None; self.ds.disarm()
+
+# %% ../nbs/09_core.ipynb #a9859a24
+class FiniteLossCallback(ScopedCallback):
+    "Stop a fit at the first training batch whose loss is NaN or infinite, before its backward pass, naming the batch and loss terms"
+    order, run_valid = LossTerms.order + 1, False  # after every callback that sets the loss, before `LossTerms` clears the terms
+    def before_batch(self):
+        "The batch's inputs, and the images armed for the same forward, are finite (checked before BatchNorm sees them)"
+        m = getattr(self.learn.model, 'module', self.learn.model)  # DDP wraps it
+        extra = list(getattr(m, '_extra', None) or []) if isinstance(m, DeepSupervisionModel) else []
+        xs = [x for x in (*self.learn.xb, *extra) if isinstance(x, Tensor) and x.is_floating_point()]
+        if all(bool(torch.isfinite(x).all()) for x in xs): return
+        raise FloatingPointError(f"Training batch {self.iter+1} of epoch {self.epoch+1} holds NaN or infinite inputs: training stopped "
+                                 "before its forward pass, the model is as after the previous step. Check that batch's images (and "
+                                 "the transforms that made them).")
+    def after_loss(self):
+        loss = self.learn.loss_grad
+        if bool(torch.isfinite(loss).all()): return
+        terms = {k: float(v) for cb in self.learn.cbs for k,v in getattr(cb, 'terms', {}).items()}
+        bad = [k for k,v in terms.items() if not math.isfinite(v)]
+        said = ', '.join(f'{k} {v:.4g}' for k,v in terms.items()) if terms else "no loss terms recorded: it is the learner's loss"
+        raise FloatingPointError(
+            f"The loss of training batch {self.iter+1} of epoch {self.epoch+1} is {float(loss.detach().float().mean())} "
+            f"({said}){'; not finite: ' + ', '.join(bad) if bad else ''}. Training stopped before this batch's step: the weights are "
+            "those after the previous one. Check that batch's inputs for NaN or inf values, or lower the learning rate.")

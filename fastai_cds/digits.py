@@ -25,18 +25,20 @@ def digits_items(n_channels:int=1)->tuple[list, np.ndarray]:
     elif n_channels != 1: raise ValueError(f"n_channels must be 1 or 3, got {n_channels}")
     return [(im, int(t)) for im,t in zip(ims, d.target)], d.target
 
-# %% ../nbs/16_digits.ipynb #8888cccd
+# %% ../nbs/16_digits.ipynb #ad382234
 def digits_stats(n_channels:int=1)->tuple[list, list]:
     "Mean and std of every pixel of the digits, per channel, for `Normalize.from_stats`"
     ims = np.stack([it[0] for it in digits_items()[0]]).astype(np.float32)/255
     return [float(ims.mean())]*n_channels, [float(ims.std())]*n_channels
 
+# %% ../nbs/16_digits.ipynb #30ce87c7
 def digits_splits(labels, valid_pct:float=0.2, label_fraction:float=1., seed:int=0):
     "Indices (labelled train, unlabelled train, valid): a stratified valid split, then a labelled fraction of train"
     rest, valid = stratified_fraction(labels, 1-valid_pct, seed)
     lab, unlab = stratified_fraction(np.asarray(labels)[rest], label_fraction, seed+1)
     return rest[lab], rest[unlab], valid
 
+# %% ../nbs/16_digits.ipynb #25cbcfd8
 def digits_dls(
     size:int=32, # image size (the originals are 8x8)
     n_channels:int=1, # 1 (grayscale) or 3 (the gray image repeated)

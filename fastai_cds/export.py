@@ -16,7 +16,7 @@ from .model import DeepSupervisionModel, split_with_heads
 # %% auto #0
 __all__ = ['plain_learner']
 
-# %% ../nbs/04_export.ipynb #03dcba1c
+# %% ../nbs/04_export.ipynb #19af812c
 def _is_ours(o)->bool:
     "Whether `o` (an object; a function, method or class; a partial or metric wrapping one) comes from fastai_cds"
     fn = getattr(o, '__func__', o)  # a bound method: its function
@@ -24,6 +24,7 @@ def _is_ours(o)->bool:
             getattr(getattr(o, 'func', None), '__module__', None)]
     return any((m or '').split('.')[0] == 'fastai_cds' for m in mods)
 
+# %% ../nbs/04_export.ipynb #619dd88f
 @contextmanager
 def _swapped(o, attr:str, value):
     "`o.attr` is `value` for the block"
@@ -40,11 +41,12 @@ def _popped(o, attr:str):
     finally: setattr(o, attr, v)
 
 def _plain_tfms(f)->list:
-    "What stands for transform `f` in an export: itself, nothing if it is ours and training-only, or the fastai transforms it names (`plain_tfms`)"
+    "What stands for `f` in an export: itself, nothing if ours and training-only, or the fastai transforms it names (`plain_tfms`)"
     if not _is_ours(f): return [f]
     if getattr(f, 'split_idx', None) == 0: return []
     if hasattr(f, 'plain_tfms'): return f.plain_tfms()
-    raise ValueError(f"{type(f).__name__} of fastai_cds is used at inference and has no fastai equivalent: the export would need fastai_cds")
+    raise ValueError(f"{type(f).__name__} of fastai_cds is used at inference and has no fastai equivalent: the export would need "
+                     "fastai_cds")
 
 def _our_tfms(learn:Learner):
     "(pipeline, its transforms in an export) for every DataLoader pipeline holding transforms of fastai_cds"
@@ -57,7 +59,8 @@ def _plain_dls(dls:DataLoaders)->DataLoaders:
     "`dls` with each DataLoader of ours replaced by the fastai DataLoader it names (`plain_dl`), e.g. image files in, same batches out"
     def plain(dl):
         if not _is_ours(dl): return dl
-        if not hasattr(dl, 'plain_dl'): raise ValueError(f"{type(dl).__name__} of fastai_cds has no fastai equivalent: the export would need fastai_cds")
+        if not hasattr(dl, 'plain_dl'): raise ValueError(f"{type(dl).__name__} of fastai_cds has no fastai equivalent: the export would "
+                                                         "need fastai_cds")
         return dl.plain_dl()
     return DataLoaders(*[plain(dl) for dl in dls.loaders], path=dls.path, device=dls.device)
 

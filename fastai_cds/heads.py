@@ -30,7 +30,7 @@ def sep_conv_block(ni:int, nf:int, stride:int=2)->nn.Sequential:
         nn.Conv2d(ni, ni, 3, 1, 1, groups=ni, bias=False), nn.Conv2d(ni, nf, 1, bias=False),
         nn.BatchNorm2d(nf), nn.ReLU(inplace=True))
 
-# %% ../nbs/02_heads.ipynb #175f6a3a
+# %% ../nbs/02_heads.ipynb #f4deb843
 @contextmanager
 def _frozen_bn_stats(*ms:nn.Module):
     "BatchNorm layers of `ms` run as in training but leave their running statistics and batch count as they were"
@@ -52,7 +52,8 @@ class ConvTrunk(nn.Sequential):
         entry = blocks[0][0] if blocks and isinstance(blocks[0], nn.Sequential) and len(blocks[0]) else None
         self.strided_entry = channels_last and isinstance(entry, nn.Conv2d) and entry.stride != (1, 1)
         if channels_last: self.to(memory_format=torch.channels_last)
-        if self.strided_entry: entry.weight.data = entry.weight.data.clone(memory_format=torch.contiguous_format)  # runs in the input's layout
+        if self.strided_entry:  # runs in the input's layout
+            entry.weight.data = entry.weight.data.clone(memory_format=torch.contiguous_format)
     def _first(self, x:Tensor, n:int)->Tensor:
         "The input in the trunk's layout, through the first `n` blocks"
         blocks = list(self)[:n]
@@ -71,13 +72,15 @@ class ConvTrunk(nn.Sequential):
         for k in range(n, len(self)): x = self[k](x)
         return x
 
+# %% ../nbs/02_heads.ipynb #91902aca
 def reference_init(m:nn.Module)->nn.Module:
-    "`m` with the reference code's initialisation: every conv `kaiming_normal_(mode='fan_out', nonlinearity='relu')`, BatchNorm weight 1, bias 0"
+    "`m` initialised as the reference: every conv `kaiming_normal_(mode='fan_out', nonlinearity='relu')`, BatchNorm weight 1, bias 0"
     for mod in m.modules():
         if isinstance(mod, nn.Conv2d): nn.init.kaiming_normal_(mod.weight, mode='fan_out', nonlinearity='relu')
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine: nn.init.ones_(mod.weight); nn.init.zeros_(mod.bias)
     return m
 
+# %% ../nbs/02_heads.ipynb #347f26f6
 def conv_trunk(stage:StageInfo, final:StageInfo, checkpoint:int|bool=1, channels_last:bool=True)->ConvTrunk:
     "Sep-conv blocks taking `stage`'s map to `final`'s resolution and width (none for the final stage itself)"
     n = max(0, round(math.log2(stage.size[0]/final.size[0])))
@@ -87,7 +90,7 @@ def conv_trunk(stage:StageInfo, final:StageInfo, checkpoint:int|bool=1, channels
         blocks = [sep_conv_block(ni, nf) for ni,nf in zip([stage.channels]+widths[:-1], widths)]
     return reference_init(ConvTrunk(*blocks, checkpoint=checkpoint, channels_last=channels_last))
 
-# %% ../nbs/02_heads.ipynb #61295ae4
+# %% ../nbs/02_heads.ipynb #d8c10482
 class SepConvHead(nn.Sequential):
     "The reference head: sep-conv blocks to the final stage's shape, global average pooling, L2 norm; (bs, c, h, w) -> (bs, final width)"
     def __init__(self,
@@ -97,6 +100,7 @@ class SepConvHead(nn.Sequential):
         channels_last:bool=True, # run the trunk in channels-last memory
     ): super().__init__(conv_trunk(stage, final, checkpoint, channels_last), nn.AdaptiveAvgPool2d(1), Flatten(), L2Norm())
 
+# %% ../nbs/02_heads.ipynb #6dea92ba
 class MLPHead(nn.Sequential):
     "Global average pooling, Linear-ReLU-Linear, L2 norm: (bs, c, h, w) -> (bs, dim)"
     def __init__(self,
@@ -106,8 +110,10 @@ class MLPHead(nn.Sequential):
         hidden:int|None=None, # hidden width (default: the stage's width)
     ):
         h = hidden or stage.channels
-        super().__init__(nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(stage.channels, h), nn.ReLU(inplace=True), nn.Linear(h, dim), L2Norm())
+        super().__init__(nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(stage.channels, h), nn.ReLU(inplace=True), nn.Linear(h, dim),
+                         L2Norm())
 
+# %% ../nbs/02_heads.ipynb #8f0d747c
 HEADS = {'sepconv': SepConvHead, 'mlp': MLPHead}
 
 def head_factory(head:str|Callable)->Callable:

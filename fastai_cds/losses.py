@@ -9,57 +9,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['world', 'instance_ids', 'SupConLoss', 'embedding_distance', 'soft_target_loss', 'pairwise_kl']
+__all__ = ['SupConLoss', 'world', 'instance_ids', 'embedding_distance', 'soft_target_loss', 'pairwise_kl']
 
-# %% ../nbs/00_losses.ipynb #49dbbe77
-def world()->tuple[int,int]:
-    "(this process's rank, the number of processes) of torch.distributed's default group; (0, 1) outside distributed training"
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-def instance_ids(
-    n:int, # number of images
-    start:int=0, # index of the first of them among this rank's instance ids
-    cross_rank:bool=False, # ids unique across the ranks of a distributed run: `k*world + rank`
-    device=None,
-)->Tensor: # (n,)
-    "Ids of `n` images that are each their own class: `start, start+1, ...` (interleaved across the ranks with `cross_rank`)"
-    rank, ws = world() if cross_rank else (0, 1)
-    return (start + torch.arange(n, device=device))*ws + rank
-
-class _AllGather(torch.autograd.Function):
-    "Every rank's `x` (same shape), concatenated in rank order; backward: the sum over the ranks of the gradient of this rank's rows"
-    @staticmethod
-    def forward(ctx, x:Tensor)->Tensor:
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out)
-    @staticmethod
-    def backward(ctx, g:Tensor)->Tensor:
-        g = g.contiguous()
-        dist.all_reduce(g)
-        return g.chunk(dist.get_world_size())[dist.get_rank()]
-
-def _gather_rows(z:Tensor, ids:Tensor)->tuple[Tensor,Tensor,Tensor,int]:
-    "Every rank's rows, padded to the longest: (embeddings with gradients, ids, which rows are real, index of this rank's first row)"
-    rank, ws = world()
-    sizes = [torch.zeros(1, dtype=torch.long, device=z.device) for _ in range(ws)]
-    dist.all_gather(sizes, torch.tensor([len(z)], device=z.device))
-    sizes = [int(s) for s in sizes]
-    m = max(sizes)
-    z, ids = F.pad(z, (0, 0, 0, m - len(z))), F.pad(ids, (0, m - len(ids)))
-    all_ids = [torch.empty_like(ids) for _ in range(ws)]
-    dist.all_gather(all_ids, ids)
-    valid = torch.cat([torch.arange(m, device=z.device) < s for s in sizes])
-    return _AllGather.apply(z), torch.cat(all_ids), valid, rank*m
-
-def _global_mean(total:Tensor, count:Tensor, ws:int)->Tensor:
-    "The mean over every rank's anchors as the value; the gradient of this rank's share, scaled for DDP's average over the ranks"
-    s = torch.stack([total.detach(), count.float()])
-    dist.all_reduce(s)
-    mine = total*ws/s[1].clamp(min=1)
-    return mine + (s[0]/s[1].clamp(min=1) - mine.detach())
-
+# %% ../nbs/00_losses.ipynb #dc212d97
 class SupConLoss(nn.Module):
     "Supervised contrastive loss on two views; SimCLR's NT-Xent when `labels` is None"
     def __init__(self,
@@ -103,7 +55,57 @@ class SupConLoss(nn.Module):
             if ws > 1: return _global_mean(loss[has_pos].sum(), has_pos.sum(), ws)
             return loss[has_pos].mean() if has_pos.any() else loss.sum()*0.
 
-# %% ../nbs/00_losses.ipynb #88ec482c
+# %% ../nbs/00_losses.ipynb #9c392c90
+def world()->tuple[int,int]:
+    "(this process's rank, the number of processes) of torch.distributed's default group; (0, 1) outside distributed training"
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def instance_ids(
+    n:int, # number of images
+    start:int=0, # index of the first of them among this rank's instance ids
+    cross_rank:bool=False, # ids unique across the ranks of a distributed run: `k*world + rank`
+    device=None,
+)->Tensor: # (n,)
+    "Ids of `n` images that are each their own class: `start, start+1, ...` (interleaved across the ranks with `cross_rank`)"
+    rank, ws = world() if cross_rank else (0, 1)
+    return (start + torch.arange(n, device=device))*ws + rank
+
+# %% ../nbs/00_losses.ipynb #e0583015
+class _AllGather(torch.autograd.Function):
+    "Every rank's `x` (same shape), concatenated in rank order; backward: the sum over the ranks of the gradient of this rank's rows"
+    @staticmethod
+    def forward(ctx, x:Tensor)->Tensor:
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+    @staticmethod
+    def backward(ctx, g:Tensor)->Tensor:
+        g = g.contiguous()
+        dist.all_reduce(g)
+        return g.chunk(dist.get_world_size())[dist.get_rank()]
+
+def _gather_rows(z:Tensor, ids:Tensor)->tuple[Tensor,Tensor,Tensor,int]:
+    "Every rank's rows, padded to the longest: (embeddings with gradients, ids, which rows are real, index of this rank's first row)"
+    rank, ws = world()
+    sizes = [torch.zeros(1, dtype=torch.long, device=z.device) for _ in range(ws)]
+    dist.all_gather(sizes, torch.tensor([len(z)], device=z.device))
+    sizes = [int(s) for s in sizes]
+    m = max(sizes)
+    z, ids = F.pad(z, (0, 0, 0, m - len(z))), F.pad(ids, (0, m - len(ids)))
+    all_ids = [torch.empty_like(ids) for _ in range(ws)]
+    dist.all_gather(all_ids, ids)
+    valid = torch.cat([torch.arange(m, device=z.device) < s for s in sizes])
+    return _AllGather.apply(z), torch.cat(all_ids), valid, rank*m
+
+def _global_mean(total:Tensor, count:Tensor, ws:int)->Tensor:
+    "The mean over every rank's anchors as the value; the gradient of this rank's share, scaled for DDP's average over the ranks"
+    s = torch.stack([total.detach(), count.float()])
+    dist.all_reduce(s)
+    mine = total*ws/s[1].clamp(min=1)
+    return mine + (s[0]/s[1].clamp(min=1) - mine.detach())
+
+# %% ../nbs/00_losses.ipynb #b5acb1e5
 def embedding_distance(
     s:Tensor, # (B, d) student embeddings (after the adapter)
     t:Tensor, # (B, d) teacher embeddings
@@ -114,6 +116,7 @@ def embedding_distance(
         d = t.as_subclass(Tensor).float() - s.as_subclass(Tensor).float()
         return d.pow(2).sum(1).mean() if squared else d.norm()
 
+# %% ../nbs/00_losses.ipynb #feaeb8a5
 def soft_target_loss(
     s:Tensor, # (B, c) student logits
     t:Tensor, # (B, c) teacher logits

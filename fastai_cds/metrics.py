@@ -16,7 +16,7 @@ from .callback import ScopedCallback
 # %% auto #0
 __all__ = ['calibration_bins', 'ece', 'ExpectedCalibrationError', 'plot_reliability', 'BestMetrics']
 
-# %% ../nbs/18_metrics.ipynb #c78e2c9b
+# %% ../nbs/18_metrics.ipynb #df7c675f
 def calibration_bins(
     probs:Tensor, # (n, n_classes) predicted probabilities
     targets:Tensor, # (n,) class indices
@@ -35,6 +35,7 @@ def calibration_bins(
     acc, mconf = [torch.bincount(idx, w, minlength=n_bins) / count.clamp(min=1) for w in (correct, conf)]
     return count, acc, mconf
 
+# %% ../nbs/18_metrics.ipynb #388d956d
 def ece(
     probs:Tensor, # (n, n_classes) predicted probabilities
     targets:Tensor, # (n,) class indices

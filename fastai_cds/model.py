@@ -14,13 +14,14 @@ from .stages import StageInfo, to_nchw
 # %% auto #0
 __all__ = ['Taps', 'DeepSupervisionModel', 'split_with_heads']
 
-# %% ../nbs/03_model.ipynb #d78e9bda
+# %% ../nbs/03_model.ipynb #c842455f
 class Taps(NamedTuple):
     "What an armed forward recorded"
     x:Tensor # (B + extra, c, h, w) the whole input the model ran on: the batch, then the extra images
     stages:list # stage outputs as maps, each (B + extra, c_i, h_i, w_i), whatever the module's own layout
     heads:list # heads' outputs, each (B + extra, d_i)
 
+# %% ../nbs/03_model.ipynb #828c5047
 class DeepSupervisionModel(nn.Module):
     "`model` with training-time `heads` on its `stages`: the plain forward, unless armed for one forward"
     def __init__(self,

@@ -16,26 +16,38 @@ from fastai.torch_core import num_distrib, rank_distrib
 __all__ = ['init_distributed', 'whole_set', 'batchnorm_types', 'revert_sync_batchnorm', 'distributed', 'rank0_then_others',
            'rank0_print']
 
-# %% ../nbs/21_parallel.ipynb #2869a6d8
+# %% ../nbs/21_parallel.ipynb #ba2fe247
+def _fastai_distributed():
+    "fastai's distributed module, imported when a run has several processes (it needs accelerate, an optional dependency)"
+    try: import accelerate  # noqa: F401  (fastai.distributed needs it, and fails later with a NameError when it is missing)
+    except ImportError:
+        raise ModuleNotFoundError("Training on several processes uses fastai.distributed, which needs accelerate: "
+                                  "pip install 'fastai_cds[distributed]' (or: pip install accelerate)", name='accelerate') from None
+    import fastai.distributed as fastai_distributed
+    return fastai_distributed
+
 def _teardown():
     if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
 
 def init_distributed()->tuple[int, int]:
-    "(rank, number of processes); launched on N processes, join them and take this process's device first, as fastai's `DistributedTrainer` does"
+    "(rank, number of processes); launched on N processes, join them, this process's device first (as fastai's `DistributedTrainer`)"
     if num_distrib() <= 1: return 0, 1
+    _fastai_distributed()
     from accelerate import PartialState  # here: accelerate (which fastai.distributed needs) is imported only in a distributed run
     state = PartialState(cpu=not torch.cuda.is_available())  # NCCL and the local GPU, or gloo on CPUs
     atexit.register(_teardown)
     return state.process_index, state.num_processes
 
+# %% ../nbs/21_parallel.ipynb #1bf299f8
 def whole_set(metric):
-    "`metric` on the whole validation set under DDP: fastai's `AvgMetric` (a mean of batch values) as an `AccumMetric` of the gathered predictions"
+    "`metric` on the whole validation set under DDP: fastai's `AvgMetric` (a mean of batch values) as an `AccumMetric`"
     return AccumMetric(metric.func, flatten=False) if type(metric) is AvgMetric else metric
 
+# %% ../nbs/21_parallel.ipynb #d5c4944e
 @contextmanager
 def _gloo_broadcast():
     "fastai's `DistributedDL` broadcasts its index list as a CUDA tensor (NCCL): for the block, the same broadcast of a CPU tensor (gloo)"
-    from fastai.distributed import DistributedDL
+    DistributedDL = _fastai_distributed().DistributedDL
     def broadcast(self, t:list, rank:int)->list:
         t = torch.tensor(t, dtype=torch.long)
         torch.distributed.broadcast(t, rank)
@@ -60,16 +72,17 @@ def revert_sync_batchnorm(model:nn.Module, types:dict)->nn.Module:
         setattr(model.get_submodule(parent), child, bn)
     return model
 
+# %% ../nbs/21_parallel.ipynb #9b3b5a47
 @contextmanager
 def distributed(
     learn:Learner,
     sync_bn:bool=False, # BatchNorm statistics over the batches of all processes (`nn.SyncBatchNorm`, GPUs only)
 ):
-    "The block (fits, `get_preds`, `validate`) runs as fastai's distributed data parallel training when launched on N processes; in one, as it is"
+    "The block (fits, `get_preds`, `validate`) runs as fastai's distributed data parallel training on N processes; in one, as it is"
     if num_distrib() <= 1: yield learn; return
     cuda = torch.cuda.is_available()
     if sync_bn and not cuda: raise ValueError("sync_bn (--sync-bn): torch's SyncBatchNorm runs on GPUs only; on CPUs train without it")
-    init_distributed()
+    init_distributed()  # imports fastai.distributed, whose `Learner.distrib_ctx` is used below
     if cuda: learn.dls.to(torch.device('cuda', torch.cuda.current_device()))
     metrics, bn = learn.metrics, batchnorm_types(learn.model)
     learn.metrics = [whole_set(m) for m in metrics]

@@ -4,15 +4,43 @@
 
 # %% ../nbs/22_resume.ipynb #0b5530ba
 from __future__ import annotations
-import os
+import os, pickle, zipfile
 from pathlib import Path
 import torch
 from fastai.learner import SkipToEpoch
-from fastai.torch_core import distrib_barrier, get_model, rank_distrib
+from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib
 from .callback import ScopedCallback
 
 # %% auto #0
 __all__ = ['CheckpointCallback', 'checkpointing']
+
+# %% ../nbs/22_resume.ipynb #cfe2e12a
+def _read_checkpoint(fname:Path, **kwargs)->dict:
+    "The state `CheckpointCallback` saved in `fname`, or a ValueError naming the file"
+    try: ck = torch.load(fname, weights_only=False, **kwargs)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(f"{fname} is not a checkpoint that can be read ({type(e).__name__}: {str(e).splitlines()[0][:100]}): it may be "
+                         "truncated or another kind of file. Resume from the run's own checkpoint, or start without resuming") from None
+    if not isinstance(ck, dict) or not {'model', 'opt', 'fit', 'epoch', 'n_epoch'} <= set(ck):
+        raise ValueError(f"{fname} is not a checkpoint of CheckpointCallback (a `learn.save` file? it holds "
+                         f"{type(ck).__name__}{' ' + str(sorted(ck)[:5]) if isinstance(ck, dict) else ''}): resume from the file "
+                         "that --checkpoint-every wrote, or start without resuming")
+    return ck
+
+def _run_differences(saved:dict|None, run:dict)->list[str]:
+    "Each setting of `run` that `saved` (a checkpoint's run) has another value for, in words"
+    if saved is None: return ['the file records no run settings']
+    return [f"{k}: {saved.get(k, '(not set)')!r} in the file, {run.get(k, '(not set)')!r} in this run"
+            for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k)]
+
+def _writable(fname:Path):
+    "Raise, naming the path, unless a checkpoint can be written at `fname`"
+    if fname.is_dir(): raise IsADirectoryError(f"The checkpoint {fname} is a folder: pass a file name (e.g. {fname/'checkpoint.pth'})")
+    parent = next((p for p in [fname.parent, *fname.parent.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise NotADirectoryError(f"The checkpoint {fname} cannot be written: {parent} is a file, not a folder: pass another path")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise PermissionError(f"The checkpoint {fname} cannot be written: no permission to write in {parent}: pass another path")
 
 # %% ../nbs/22_resume.ipynb #c591cda8
 class CheckpointCallback(ScopedCallback, SkipToEpoch):
@@ -22,11 +50,19 @@ class CheckpointCallback(ScopedCallback, SkipToEpoch):
         fname:str|Path, # the checkpoint: one file, replaced at every save, written by rank 0
         every:int=1, # save every `every` epochs, and after the last epoch of a fit (0: never)
         resume:bool=False, # continue the run saved in `fname`: load it in the fit that wrote it and skip the epochs done
+        run:dict|None=None, # what defines the run (method, architecture, data, epochs, ...): saved, and checked on `resume`
     ):
         if not (isinstance(every, int) and every >= 0): raise ValueError(f"CheckpointCallback: every must be an int >= 0, got {every!r}")
         self.fname, self.every, self.resume = Path(fname), every, resume
-        if resume and not self.fname.is_file():
-            raise FileNotFoundError(f"resume: no checkpoint at {self.fname}: start the run without resuming (with --checkpoint-every N it writes one)")
+        self.run = {**(run or {}), 'processes': max(1, num_distrib())}
+        if every: _writable(self.fname)
+        if resume:
+            if not self.fname.is_file():
+                raise FileNotFoundError(f"resume: no checkpoint at {self.fname}: start the run without resuming (with --checkpoint-every N "
+                                        "it writes one)")
+            diff = _run_differences(_read_checkpoint(self.fname, map_location='cpu', mmap=True).get('run'), self.run)
+            if diff: raise ValueError(f"{self.fname} was saved by another run; resume it with the same settings, or start without "
+                                      f"resuming (or with another --checkpoint): {'; '.join(diff)}")
         super().__init__(0)
         self.fits, self.records, self.saved = 0, {}, None
 
@@ -39,21 +75,26 @@ class CheckpointCallback(ScopedCallback, SkipToEpoch):
         if ck is None or self.fit_idx > ck['fit']: return
         if self.fit_idx < ck['fit']: self._skip_to = self.n_epoch; return  # a fit done before the one that saved
         if ck['n_epoch'] != self.n_epoch:
-            raise ValueError(f"{self.fname} was saved by a fit of {ck['n_epoch']} epochs, this one has {self.n_epoch}: resume with the same number of epochs")
-        get_model(self.learn.model).load_state_dict(ck['model'])
+            raise ValueError(f"{self.fname} was saved by a fit of {ck['n_epoch']} epochs, this one has {self.n_epoch}: resume with the "
+                             "same number of epochs")
+        try: get_model(self.learn.model).load_state_dict(ck['model'])
+        except RuntimeError as e:
+            raise ValueError(f"{self.fname} holds another model than this run's ({str(e).splitlines()[0][:150]} ...): resume with the "
+                             "settings that wrote it, or start without resuming") from None
         self.learn.opt.load_state_dict(ck['opt'])
         self._skip_to, self._train_iter = ck['epoch'] + 1, ck['train_iter']
         rec = self.recorder
-        rec.lrs, rec.iters, rec.losses = list(ck['steps']['lrs']), list(ck['steps']['iters']), list(ck['steps']['losses'])  # the whole run's
+        steps = ck['steps']  # the whole run's
+        rec.lrs, rec.iters, rec.losses = list(steps['lrs']), list(steps['iters']), list(steps['losses'])
 
     def _read(self)->dict:
-        ck = torch.load(self.fname, map_location=self.dls.device, weights_only=False)
+        ck = _read_checkpoint(self.fname, map_location=self.dls.device)
         self.records = ck['records']
         return ck
 
     def before_epoch(self):
         row = self.records.get(self.fit_idx, [])
-        if self.epoch < self._skip_to and self.epoch < len(row): self.recorder.log = self.recorder.log[:1] + row[self.epoch]  # its recorded row
+        if self.epoch < self._skip_to and self.epoch < len(row): self.recorder.log = self.recorder.log[:1] + row[self.epoch]  # as recorded
         super().before_epoch()  # SkipToEpoch: cancels the epochs done
     def before_train(self):
         if self._train_iter is not None: self.learn.train_iter, self._train_iter = self._train_iter, None  # steps done before the resume
@@ -66,8 +107,9 @@ class CheckpointCallback(ScopedCallback, SkipToEpoch):
     def save(self):
         "Write the state of training to `fname` (rank 0; every rank waits for it)"
         if not rank_distrib():
-            state = dict(model=get_model(self.learn.model).state_dict(), opt=self.learn.opt.state_dict(), fit=self.fit_idx, epoch=self.epoch,
-                         n_epoch=self.n_epoch, train_iter=self.train_iter, records=self.records, metric_names=list(self.recorder.metric_names),
+            state = dict(run=self.run, model=get_model(self.learn.model).state_dict(), opt=self.learn.opt.state_dict(), fit=self.fit_idx,
+                         epoch=self.epoch, n_epoch=self.n_epoch, train_iter=self.train_iter, records=self.records,
+                         metric_names=list(self.recorder.metric_names),
                          steps=dict(lrs=list(self.recorder.lrs), iters=list(self.recorder.iters), losses=list(self.recorder.losses)))
             bm = getattr(self.learn, 'best_metrics', None)
             if bm is not None: state['best'] = dict(value=bm.best, epoch=bm.best_at, values=bm.best_values)
@@ -84,9 +126,10 @@ def checkpointing(
     resume:bool=False, # continue the run saved in the file (--resume)
     tag:str='', # one of several learners of a run: its file is `fname` with `.tag` before the suffix
     first:bool=True, # the run's first learner, whose file `resume` needs; a later one without a file starts afresh
+    run:dict|None=None, # what defines the run, checked on `resume` (see `CheckpointCallback`)
 )->list:
     "The callbacks of a recipe's checkpoint options: `[CheckpointCallback(...)]`, or `[]` when neither saving nor resuming"
     f = Path(fname)
     if tag: f = f.with_name(f'{f.stem}.{tag}{f.suffix}')
     resume = resume and (first or f.is_file())
-    return [CheckpointCallback(f, every, resume)] if every or resume else []
+    return [CheckpointCallback(f, every, resume, run)] if every or resume else []

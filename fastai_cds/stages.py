@@ -42,7 +42,7 @@ def token_grid(n:int, hw:tuple)->tuple|None:
     return next(((h, n//h) for h in (g, g-1, g+1) if h >= 1 and n % h == 0 and _aspect_ok(h, n//h, hw)), None)
 
 def to_nchw(t:Tensor, stage:StageInfo)->Tensor:
-    "A hooked output `t` of `stage` as a (B, C, H, W) map, a view: channels-last permuted; prefix tokens dropped, patch tokens on their grid"
+    "Hooked output `t` of `stage` as a (B, C, H, W) map (a view): channels-last permuted; prefix tokens dropped, patches on their grid"
     if stage.layout == 'NCHW': return t
     if stage.layout == 'NHWC': return t.permute(0, 3, 1, 2)
     p = t[:, stage.prefix:]
@@ -68,7 +68,7 @@ def _map_layout(t:Tensor, hw:tuple, chs:int|None=None, fmt:str|None=None)->str|N
     return (fmt if fmt in ok else ok[0]) if ok else None
 
 def _read(name:str, t, hw:tuple, layout:str|None=None, prefix:int|None=None, chs:int|None=None, fmt:str|None=None)->StageInfo|None:
-    "The `StageInfo` of output `t` of module `name` on an input of size `hw`: `layout` and `prefix` as given, else told by shape; None if not"
+    "The `StageInfo` of output `t` of module `name` on an input of size `hw`: `layout` and `prefix` as given, else by shape; or None"
     if not isinstance(t, Tensor): return None
     if t.ndim == 4 and layout in (None, 'NCHW', 'NHWC'):
         layout = layout or _map_layout(t, hw, chs, fmt)
@@ -192,7 +192,7 @@ def _misread_error(s:StageInfo, t:Tensor, ref:Tensor)->ValueError:
                       "pass `layers=` with modules whose outputs are (B, C, H, W) or channels-last maps, or tokens in raster order")
 
 def _timm_stages(model:nn.Module, calls:list, hw:tuple)->list[StageInfo]|None:
-    "Stages named by the `feature_info` of the first timm model inside `model`, read as its widths say and checked against timm; None if none"
+    "Stages named by the `feature_info` of the first timm model in `model`, read as its widths say, checked against timm; or None"
     outs = {c['name']: c['out'] for c in calls}
     for pre,m in model.named_modules():
         fi = getattr(m, 'feature_info', None)
@@ -239,7 +239,8 @@ def _resolve(layers, cands:list[StageInfo], outs:dict, hw:tuple, model)->list[St
             raise ValueError(f"No module named {name!r} in the model. Stages found: {avail}")
         t = outs.get(name)
         if not (isinstance(t, Tensor) and t.ndim in (3, 4)):
-            raise ValueError(f"Module {name!r} did not return a 4-D feature map or a 3-D token sequence in the forward. Stages found: {avail}")
+            raise ValueError(f"Module {name!r} did not return a 4-D feature map or a 3-D token sequence in the forward. Stages found: "
+                             f"{avail}")
         s = (_read_told(model, name, t, hw, layout) if prefix is None else
              _read(name, t, hw, layout, prefix, fmt=_model_says(model, name, 'output_fmt')))
         if s is None: raise _layout_error(name, t)
@@ -275,17 +276,20 @@ def _chain_or_error(model:nn.Module, calls:list, x:Tensor)->list[dict]:
         after = [c for c in _candidates(model, calls, x) if c['out'].ndim == 3 and c['seq'] > chain[-1]['seq']]
         if not after: return chain
         raise _no_stages_error(after, f"the chain of 4-D feature maps ends at {chain[-1]['name']!r}, and blocks of tokens follow")
-    raise _no_stages_error(_candidates(model, calls, x), "no chain of 4-D feature maps, no timm `feature_info` module returning maps or tokens")
+    raise _no_stages_error(_candidates(model, calls, x), "no chain of 4-D feature maps, no timm `feature_info` module returning maps or "
+                                                         "tokens")
 
 # %% ../nbs/01_stages.ipynb #9c13a42f
 def _check_timm_body(model:nn.Module):
     "Fail early, naming the fix, on fastai's `TimmBody` around a timm model whose features are channels-last"
     for m in model.modules():
-        if type(m).__name__ != 'TimmBody' or not getattr(m, 'needs_pool', False) or _model_says(m.model, '', 'output_fmt') != 'NHWC': continue
+        if type(m).__name__ != 'TimmBody' or not getattr(m, 'needs_pool', False): continue
+        if _model_says(m.model, '', 'output_fmt') != 'NHWC': continue
         arch = getattr(m.model, 'pretrained_cfg', {}).get('architecture', 'the timm model')
-        raise ValueError(f"fastai's `vision_learner` cannot train {arch}: its `TimmBody` returns channels-last (B, H, W, C) features, which "
-                         "fastai's head pools as (B, C, H, W) (it fails without deep supervision too). Build the model with timm: "
-                         f"`Learner(dls, timm.create_model({arch!r}, num_classes=dls.c), loss_func=CrossEntropyLossFlat(), cbs=CDSCallback())`")
+        raise ValueError(f"fastai's `vision_learner` cannot train {arch}: its `TimmBody` returns channels-last (B, H, W, C) features, "
+                         "which fastai's head pools as (B, C, H, W) (it fails without deep supervision too). Build the model with timm: "
+                         f"`Learner(dls, timm.create_model({arch!r}, num_classes=dls.c), loss_func=CrossEntropyLossFlat(), "
+                         "cbs=CDSCallback())`")
 
 # %% ../nbs/01_stages.ipynb #d7256e36
 def find_stages(

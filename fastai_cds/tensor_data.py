@@ -20,7 +20,25 @@ from fastai.vision.core import PILImage, PILImageBW
 # %% auto #0
 __all__ = ['TensorImages', 'TensorImageDL', 'decoded_images', 'tensor_dls', 'folder_tensor_dls']
 
-# %% ../nbs/17_tensor_data.ipynb #014c4528
+# %% ../nbs/17_tensor_data.ipynb #391e411a
+def _check_images(images:Tensor, labels:Tensor, vocab:list):
+    "Raise, naming the fix, unless `images` are (n, c, h, w) uint8 with one integer id in `range(len(vocab))` each"
+    shape = tuple(images.shape)
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"TensorImages: images must be one uint8 tensor (n, c, h, w), got {images.dtype} {shape}")
+    if shape[1] not in (1, 3) and shape[3] in (1, 3):
+        raise ValueError(f"TensorImages: images are (n, h, w, c) {shape}; pass them as (n, c, h, w): images.permute(0, 3, 1, 2)")
+    if len(images) != len(labels):
+        raise ValueError(f"TensorImages: {len(images)} images but {len(labels)} labels: give one label id per image")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"TensorImages: labels must be integer class ids (indices into `vocab`), got {labels.dtype}: "
+                         "map the labels to ids first (e.g. `torch.tensor([vocab.index(l) for l in labels])`)")
+    bad = labels[(labels < 0) | (labels >= len(vocab))]
+    if len(bad):
+        raise ValueError(f"TensorImages: label id {int(bad[0])} is outside the vocab of {len(vocab)} classes (ids 0 to {len(vocab)-1}): "
+                         "give every class a name in `vocab`")
+
+# %% ../nbs/17_tensor_data.ipynb #6c596703
 class TensorImages:
     "Images held as one uint8 tensor `(n, c, h, w)` with their label ids: a dataset for `TensorImageDL`"
     def __init__(self,
@@ -29,9 +47,7 @@ class TensorImages:
         vocab:list, # the class names
         split_idx:int|None=None, # 0: training set (training-only transforms run), 1: validation
     ):
-        if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
-            raise ValueError(f"TensorImages: images must be (n, c, h, w) uint8 with one label each, got {images.dtype} "
-                             f"{tuple(images.shape)} and {len(labels)} labels")
+        _check_images(images, labels, vocab)
         self.images, self.labels, self.vocab, self.split_idx = images, labels.long(), CategoryMap(list(vocab), sort=False), split_idx
     def __len__(self): return len(self.images)
     def __getitem__(self, i): return self.batch([i])
@@ -50,23 +66,24 @@ class TensorImages:
         img = PILImageBW if self.images.shape[1] == 1 else PILImage
         return Datasets([f], tfms=[[img.create], [parent_label, Categorize(vocab=self.vocab)]], split_idx=self.split_idx)
 
+# %% ../nbs/17_tensor_data.ipynb #a67d30f7
 class TensorImageDL(TfmdDL):
     "A fastai DataLoader over `TensorImages`: a batch is one indexing of the images, no per-item work"
     def create_item(self, s): return 0 if s is None else s  # an index (fastai asks for None when it probes the types)
     def create_batch(self, b): return self.dataset.batch(torch.as_tensor(b))
     def new(self, dataset=None, cls=None, **kwargs)->TfmdDL:
-        "A copy on `dataset`: a `TensorImageDL` on images in memory; fastai's loader (`plain_dl`) on files (`test_dl`, an export's empty set)"
+        "A copy on `dataset`: a `TensorImageDL` on images in memory; fastai's (`plain_dl`) on files (`test_dl`, an export's empty set)"
         if dataset is None or isinstance(dataset, TensorImages): return super().new(dataset, cls, **kwargs)
         return self.plain_dl().new(dataset, **kwargs)
     def plain_dl(self)->TfmdDL:
-        "The fastai DataLoader giving the same batches from image files in class folders (`PILImage.create`, `parent_label`, `Categorize`, `ToTensor`, these batch transforms): for an export"
+        "fastai's DataLoader of the same batches from image files in class folders (fastai's item transforms, these batch transforms)"
         with tempfile.TemporaryDirectory() as d:  # one image file, for fastai to set the pipelines up (it cannot on no items)
             ds = self.dataset.one_file(d)
             dl = TfmdDL(ds, bs=self.bs, after_item=[ToTensor()], after_batch=self.after_batch, device=self.device, do_setup=False)
             dl._one_pass()
         return dl.new(ds.new_empty())
 
-
+# %% ../nbs/17_tensor_data.ipynb #b0019bdb
 def _decode(f:Path, size:int|None=None)->np.ndarray:
     im = PILImage.create(f)
     return np.asarray(im if size is None else im.resize((size, size)))
@@ -79,19 +96,57 @@ def decoded_images(files:list, labels:list, vocab:list, size:int|None=None, n_wo
     o2i = {v: k for k,v in enumerate(vocab)}
     return torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous(), torch.tensor([o2i[l] for l in labels])
 
-def tensor_dls(train:tuple, valid:tuple, vocab:list, bs:int=64, batch_tfms:list|None=None, device=None, num_workers:int=0, **kwargs)->DataLoaders:
-    "fastai DataLoaders of in-memory images: `train` and `valid` are (uint8 images (n, c, h, w), label ids); `batch_tfms` after `IntToFloatTensor`"
+# %% ../nbs/17_tensor_data.ipynb #04bb9ed0
+def tensor_dls(
+    train:tuple, # (uint8 images (n, c, h, w), label ids (n,)) to train on
+    valid:tuple, # (uint8 images, label ids) to validate on
+    vocab:list, # the class names of the label ids
+    bs:int=64, # batch size
+    batch_tfms:list|None=None, # batch transforms, after `IntToFloatTensor` (views, `Normalize`)
+    device=None, # where the batches go (default: fastai's default device)
+    num_workers:int=0, # refused: a batch is one indexing, made in the main process
+    **kwargs, # passed to both `TensorImageDL`s
+)->DataLoaders:
+    "fastai DataLoaders of images held in memory: a batch is one indexing of the uint8 tensor, all random work in `batch_tfms`"
     if num_workers:
         raise ValueError("tensor_dls: a batch is one indexing of the images, made in the main process; worker processes would only add "
                          f"copies (measured: bench/overhead.py): leave num_workers out (got {num_workers})")
+    if len(train[0]) < bs:
+        raise ValueError(f"tensor_dls: {len(train[0])} training images make no batch of bs={bs} (training drops the last incomplete "
+                         "batch): pass a smaller bs")
     tfms = dict(after_batch=[IntToFloatTensor(), *(batch_tfms or [])], device=device, num_workers=0, **kwargs)
     return DataLoaders(TensorImageDL(TensorImages(*train, vocab, 0), bs=bs, shuffle=True, drop_last=True, **tfms),
                        TensorImageDL(TensorImages(*valid, vocab, 1), bs=bs, **tfms), device=device)
 
-def folder_tensor_dls(path:Path, valid:str='valid', bs:int=64, batch_tfms:list|None=None, size:int|None=None, num_workers:int|None=None, **kwargs)->DataLoaders:
-    "`tensor_dls` of an ImageNet-style folder (`train/` and `valid`, one subfolder per class), decoded once into memory by `num_workers` processes (batches: the main process)"
+# %% ../nbs/17_tensor_data.ipynb #02e4351c
+def _class_images(path:Path, split:str)->list:
+    "The images of `path/split/<class>/`, or an error naming what is missing"
+    if not path.is_dir(): raise FileNotFoundError(f"folder_tensor_dls: no folder {path}")
+    if not (path/split).is_dir():
+        subs = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"folder_tensor_dls: {path} has no {split}/ folder (it has: {', '.join(subs) or 'no folder'}): "
+                                f"an ImageNet-style folder holds train/ and a validation folder (`valid=`), one subfolder per class")
+    files = get_image_files(path/split)
+    if not files: raise FileNotFoundError(f"folder_tensor_dls: no image in {path/split}/<class>/: put the images of each class in a "
+                                          "subfolder")
+    return files
+
+# %% ../nbs/17_tensor_data.ipynb #de401179
+def folder_tensor_dls(
+    path:Path, # an ImageNet-style folder: `train/` and `valid`, one subfolder per class
+    valid:str='valid', # the validation folder's name
+    bs:int=64, # batch size
+    batch_tfms:list|None=None, # batch transforms, after `IntToFloatTensor`
+    size:int|None=None, # images resized to `size` x `size` as they are decoded (None: as they are, all of one size)
+    num_workers:int|None=None, # processes decoding the images once (batches are made in the main process)
+    **kwargs, # passed to `tensor_dls`
+)->DataLoaders:
+    "`tensor_dls` of an ImageNet-style folder, its images decoded once into memory"
     path, num_workers = Path(path), min(16, defaults.cpus) if num_workers is None else num_workers
-    files = {s: get_image_files(path/s) for s in ('train', valid)}
+    files = {s: _class_images(path, s) for s in ('train', valid)}
     vocab = sorted({f.parent.name for f in files['train']})
+    if extra := sorted({f.parent.name for f in files[valid]} - set(vocab)):
+        raise ValueError(f"folder_tensor_dls: {path/valid} has classes with no training images in {path/'train'}: "
+                         f"{', '.join(extra[:5])}: give each class training images, or leave it out of {valid}/")
     sets = [decoded_images(fs, [f.parent.name for f in fs], vocab, size, num_workers) for fs in files.values()]
     return tensor_dls(*sets, vocab=vocab, bs=bs, batch_tfms=batch_tfms, **kwargs)

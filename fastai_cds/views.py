@@ -19,7 +19,7 @@ from fastai.vision.augment import AffineCoordTfm, RandTransform, Flip, Resize, C
 from fastai.vision.core import imagenet_stats, show_image
 
 # %% auto #0
-__all__ = ['CIFAR_STATS', 'resized_crop_mat', 'RandomResizedCropBatch', 'PadCropFlip', 'hue_rotation_mat', 'RandomGrayscale',
+__all__ = ['CIFAR_STATS', 'resized_crop_mat', 'RandomResizedCropBatch', 'PadCropFlip', 'shift_hue', 'RandomGrayscale',
            'ColorJitterBatch', 'Cutout', 'simclr_tfms', 'PresizeItems', 'Views', 'reference_views', 'TwoViews',
            'view_pipelines', 'two_view_dl', 'show_views']
 
@@ -72,15 +72,16 @@ class PadCropFlip(RandTransform):
         return xp.gather(2, idx).view(n, c, h, w)
 
 # %% ../nbs/08_views.ipynb #5d9bcb17
-_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])  # RGB -> YIQ
-_YIQ_INV = torch.linalg.inv(_YIQ)
-
-def hue_rotation_mat(h:Tensor)->Tensor:
-    "RGB matrices (bs, 3, 3) turning the hue by `h` (bs,) fractions of a turn: a rotation of the I-Q plane of YIQ"
-    c, s = (2*math.pi*h).cos(), (2*math.pi*h).sin()
-    o, z = torch.ones_like(h), torch.zeros_like(h)
-    rot = torch.stack([o, z, z,  z, c, s,  z, -s, c], 1).view(-1, 3, 3)  # this sign turns red towards green, as HSV hue
-    return _YIQ_INV.to(h) @ rot @ _YIQ.to(h)
+def shift_hue(x:Tensor, h:Tensor)->Tensor:
+    "RGB images `x` (bs, 3, h, w) in [0, 1], each one's hue turned by its own `h` (bs,) turns in HSV, as torchvision's `adjust_hue`"
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    c = v - x.amin(1)  # chroma: HSV value x saturation
+    red, green = v == r, v == g
+    hue = torch.where(red, g - b, torch.where(green, b - r, r - g))/torch.where(c > 0, c, 1.)  # sixths of a turn, from the start of
+    hue = (hue + torch.where(red, 0., torch.where(green, 2., 4.))).div_(6).add_(1 + h.view(-1, 1, 1) % 1).frac_()  # the max's sector
+    k = (hue[:, None] + x.new_tensor([5/6, 3/6, 1/6]).view(1, 3, 1, 1)).frac_().mul_(6)  # channel n (5, 3, 1) at (n + 6 hue) mod 6:
+    return v[:, None] - c[:, None]*torch.minimum(k, 4 - k).clamp_(0, 1)  # HSV to RGB in closed form
 
 # %% ../nbs/08_views.ipynb #eb8c2d18
 def _gray(x:Tensor)->Tensor:
@@ -101,7 +102,7 @@ class RandomGrayscale(RandTransform):
 def _brightness(x, f): return (x*f).clamp(0, 1)
 def _contrast(x, f): return (f*x + (1-f)*_gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
 def _saturation(x, f): return (f*x + (1-f)*_gray(x)).clamp(0, 1)
-def _hue(x, h): return torch.bmm(hue_rotation_mat(h.flatten().float()).to(x.dtype), x.flatten(2)).view_as(x).clamp(0, 1)
+def _hue(x, h): return shift_hue(x, h.flatten())
 
 class ColorJitterBatch(RandTransform):
     "torchvision's `RandomApply([ColorJitter(...)], p)` drawn per image: the four changes as one group, in a random order"
@@ -159,11 +160,9 @@ def simclr_tfms(
     tfms += [ColorJitterBatch(jitter, jitter, jitter, hue, p_jitter)]
     return tfms + ([RandomGrayscale(p_gray)] if n_channels == 3 else [])
 
-# %% ../nbs/08_views.ipynb #dad705ae
-CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])  # the reference's Normalize (its stds differ from fastai's cifar_stats)
-
+# %% ../nbs/08_views.ipynb #a6d17fd5
 class PresizeItems(RandTransform):
-    "Training images squished to `size` x `size` (all their content); validation ones resized to `size` on the shorter side, centre-cropped to `crop`"
+    "Training images squished to `size` x `size` (all their content); validation ones: shorter side to `size`, centre `crop`"
     split_idx, order = None, 1
     def __init__(self, size:int=256, crop:int=224): super().__init__(p=1.); store_attr()
     def before_call(self, b, split_idx): self.training = split_idx == 0
@@ -177,6 +176,9 @@ class PresizeItems(RandTransform):
     def plain_tfms(self)->list:
         "fastai's transforms doing the same at inference, for an export: shorter side to `size`, centre crops"
         return [Resize(self.size), CropPad(self.crop)]
+
+# %% ../nbs/08_views.ipynb #2bb133fd
+CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])  # the reference's Normalize (its stds differ from fastai's cifar_stats)
 
 class Views(NamedTuple):
     "A pair of views as fastai transforms"
@@ -198,7 +200,8 @@ def reference_views(
         pad, p_flip = max(1, round(4*size/32)), 0.5 if flip else 0.
         stats, cutout = stats or CIFAR_STATS, round(16*size/32) if cutout is None else cutout
         view1 = [PadCropFlip(pad, 128/255, p_flip)] + ([Cutout(cutout)] if cutout else [])
-        view2 = [PadCropFlip(pad, 0., p_flip), ColorJitterBatch(0.4, 0.4, 0.4, 0.1, p=0.8)] + ([RandomGrayscale(0.2)] if n_channels == 3 else [])
+        view2 = [PadCropFlip(pad, 0., p_flip), ColorJitterBatch(0.4, 0.4, 0.4, 0.1, p=0.8)]
+        if n_channels == 3: view2.append(RandomGrayscale(0.2))
         return Views([], view1 + [Normalize.from_stats(*stats)], view2)
     if preset == 'imagenet':
         size = size or 224

@@ -23,6 +23,7 @@ from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage, PILImageBW
 from fastai.vision.data import ImageBlock
 
+from fastai_cds.benchmark import predict
 from fastai_cds.cds import CDSCallback
 from fastai_cds.digits import digits_items
 
@@ -67,16 +68,7 @@ def tiny_learner(dls=None, cds=None, loss_func=None, **kwargs):
 
 def manual_valid(learn):
     "Logits and targets of the plain model (`learn.model.model`), in eval mode, over the validation set"
-    m = learn.model.model
-    was = m.training
-    m.eval()
-    logits, ys = [], []
-    with torch.no_grad():
-        for xb, yb in learn.dls.valid:
-            logits.append(m(xb).float().as_subclass(torch.Tensor))
-            ys.append(yb.as_subclass(torch.Tensor))
-    m.train(was)
-    return torch.cat(logits), torch.cat(ys)
+    return predict(learn.model.model, learn.dls.valid)
 
 
 # ---------------------------------------------------------------- watching a fit

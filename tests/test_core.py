@@ -19,7 +19,7 @@ from fastai.vision.learner import vision_learner
 
 from fastai_cds.baselines import DSNCallback
 from fastai_cds.cds import CDSCallback
-from fastai_cds.core import LossTermCallback, LossTerms, add_loss_terms, set_loss
+from fastai_cds.core import FiniteLossCallback, LossTermCallback, LossTerms, add_loss_terms, set_loss
 from fastai_cds.model import DeepSupervisionModel
 from fastai_cds.precision import DeviceMixedPrecision
 
@@ -87,6 +87,52 @@ def test_creation_wraps_the_model_and_rejects_a_wrapped_one():
     # the plain model of a trained learner is fine
     again = Learner(dls, learn.model.model, loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(verbose=False))
     assert again.model.model is plain
+
+
+def test_two_deep_supervision_callbacks_are_named_as_such():
+    for cbs in ([CDSCallback(verbose=False), CDSCallback(verbose=False)], [CDSCallback(verbose=False), DSNCallback(verbose=False)]):
+        with pytest.raises(ValueError, match=r"two deep-supervision callbacks \(\w+Callback and \w+Callback\).*use one per Learner"):
+            Learner(small_dls(), tiny_cnn(), loss_func=CrossEntropyLossFlat(), cbs=cbs)
+
+
+def test_a_training_set_smaller_than_a_batch_names_bs():
+    dls = small_dls(n_train=6, bs=8)
+    plain = tiny_cnn()
+    with pytest.raises(ValueError, match=r"the training DataLoader has no batch: its 6 items make no batch of bs=8 with drop_last=True: "
+                                         r"pass a smaller bs"):
+        Learner(dls, plain, loss_func=CrossEntropyLossFlat(), cbs=CDSCallback(verbose=False))
+    assert hooked_modules(plain) == []
+
+
+def test_a_nan_image_stops_the_run_at_its_batch_before_anything_changes():
+    "A NaN planted in the 3rd training batch: the fit stops there, naming it; the model is as after batch 2; no hook is left"
+    learn = no_bar(Learner(small_dls(n_train=48), tiny_cnn(), loss_func=CrossEntropyLossFlat(),
+                           cbs=[CDSCallback(verbose=False), FiniteLossCallback()]))
+    after = []
+    plant = Spy(-10, before_batch=lambda: learn.training and learn.iter == 2 and setattr(learn, 'xb', (learn.xb[0].clone().fill_(float('nan')),)))
+    keep = Spy(after_step=lambda: after.append(snapshot(learn.model)))
+    with pytest.raises(FloatingPointError, match=r"Training batch 3 of epoch 1 holds NaN or infinite inputs: training stopped before its forward"):
+        learn.fit(1, 1e-2, cbs=[plant, keep])
+    assert len(after) == 2
+    for k, v in snapshot(learn.model).items(): assert torch.equal(v, after[-1][k]), k  # parameters and BatchNorm statistics
+    assert hooked_modules(learn.model) == [] and not learn.model.armed
+
+
+def test_a_non_finite_loss_stops_the_run_naming_its_terms():
+    "The learner's loss (`ce`) turns NaN at the 2nd batch: the fit stops before its backward, naming the term"
+    calls = []
+    def loss(p, y):
+        calls.append(1)
+        return F.cross_entropy(p, y) * (float('nan') if len(calls) == 2 else 1.)
+    learn = no_bar(Learner(small_dls(), tiny_cnn(), loss_func=loss, cbs=[CDSCallback(verbose=False), FiniteLossCallback()]))
+    steps = []
+    with pytest.raises(FloatingPointError, match=r"The loss of training batch 2 of epoch 1 is nan \(ce nan, contra_0 [0-9.]+.*\); "
+                                                  r"not finite: ce\. Training stopped before this batch's step"):
+        learn.fit(1, 1e-2, cbs=Spy(after_step=lambda: steps.append(1)))
+    assert steps == [1]
+    calls.clear()
+    plain = no_bar(Learner(small_dls(), tiny_cnn(), loss_func=loss, cbs=FiniteLossCallback()))
+    with pytest.raises(FloatingPointError, match=r"\(no loss terms recorded: it is the learner's loss\)"): plain.fit(1)
 
 
 def test_unknown_layer_lists_available_stages_at_creation():

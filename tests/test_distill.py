@@ -1,7 +1,8 @@
 """Tests of `fastai_cds.distill`: `DistillCallback` and its shorthand `CDSCallback(teacher=...)` (contrastive deep
-distillation, paper eqs. 8-9) and `KDCallback` inside real fastai training loops, against hand computations; the frozen
-teacher; adapters; export of the student in a process where fastai_cds cannot be imported; a teacher loaded from a file
-in a fresh process."""
+distillation, paper eqs. 8-9) and `KDCallback` (also RepDistiller's) inside real fastai training loops, against hand
+computations; the frozen teacher, left as given (no weight or buffer written, train mode included); adapters; the
+paper's comparison methods each combined with CDS from one teacher; export of every student in a process where
+fastai_cds cannot be imported; a teacher loaded from a file in a fresh process."""
 import copy
 import inspect
 import json
@@ -15,12 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle)
+from fastai.callback.core import CancelFitException
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 
 from fastai_cds.cds import CDSCallback
-from fastai_cds.distill import DistillCallback, Distiller, KDCallback, Teacher, load_teacher, reference_distillation
+from fastai_cds.distill import DistillCallback, Distiller, KDCallback, Teacher, TeacherCallback, load_teacher, reference_distillation
+from fastai_cds.embedding_distill import CRDCallback, RKDCallback, item_index_dls
+from fastai_cds.stage_distill import ATCallback, FitNetCallback, SPCallback
 from fastai_cds.model import DeepSupervisionModel, Taps
 from fastai_cds.precision import DeviceMixedPrecision
 
@@ -28,6 +32,19 @@ from helpers import (BLOCKED, Spy, is_bn, no_bar, ref_distance, ref_soft, ref_su
                      snapshot, stop, tiny_cnn)
 
 T_WIDTHS, S_WIDTHS = (16, 32, 64), (8, 16, 32)  # teacher / student stage widths: every adapter is a Linear(32, 64)
+# The paper's comparison (Tables 7 and 8): every method as its tables combine it with CDS, from one teacher in train mode
+# (BatchNorm on batch statistics: the setting that moved a teacher's running statistics before, issue 23)
+COMPARISON = {
+    'cds+distill': lambda t: [CDSCallback(teacher=t, verbose=False)],  # DistillCallback; train mode is its default
+    'cds+kd': lambda t: [CDSCallback(verbose=False), KDCallback(t, teacher_bn_train=True)],
+    'cds+fitnet': lambda t: [CDSCallback(verbose=False), FitNetCallback(t, teacher_bn_train=True, verbose=False)],
+    'cds+at': lambda t: [CDSCallback(verbose=False), ATCallback(t, teacher_bn_train=True, verbose=False)],
+    'cds+sp': lambda t: [CDSCallback(verbose=False), SPCallback(t, teacher_bn_train=True, verbose=False)],
+    'cds+rkd': lambda t: [CDSCallback(verbose=False), RKDCallback(t, teacher_bn_train=True, verbose=False)],
+    'cds+crd+kd': lambda t: [CDSCallback(verbose=False), CRDCallback(t, k=8, teacher_bn_train=True, verbose=False),
+                             KDCallback.repdistiller(t, weight=1., ce_weight=1., teacher_bn_train=True)],
+}
+TERM = {'cds+distill': 'emb_0', 'cds+kd': 'kd', 'cds+fitnet': 'fitnet', 'cds+at': 'at', 'cds+sp': 'sp', 'cds+rkd': 'rkd', 'cds+crd+kd': 'crd'}
 
 
 # ---------------------------------------------------------------- helpers
@@ -121,7 +138,7 @@ def trained_teacher(tmp_path_factory):
 
 @pytest.fixture
 def teacher(trained_teacher):
-    "A copy of the trained teacher for one test: a teacher in train mode (the default, as the reference) moves its BN statistics"
+    "A copy of the trained teacher for one test (a test that breaks the teacher breaks only its copy)"
     t = teacher_learner(path=trained_teacher.path)
     t.model.load_state_dict(trained_teacher.model.state_dict())
     return t
@@ -311,8 +328,9 @@ def test_teacher_mode_train_by_default_eval_on_request(teacher):
     assert cap.state['s_bn'] == (True, True)
 
 
-def test_teacher_bn_train_mode_updates_statistics_but_not_weights(teacher):
-    "teacher_bn_train=True (reference code): BN in train mode, running statistics change; weights don't, no gradient"
+def test_teacher_bn_train_mode_uses_batch_statistics_and_changes_nothing(teacher):
+    """teacher_bn_train=True (reference code): BN in train mode normalises with the batch's statistics, yet no buffer
+    (running statistics, counters) and no weight of the teacher changes, and it gets no gradient (issue 23)"""
     t = copy.deepcopy(teacher.model)
     modes = [m.training for m in t.modules()]
     set_seed(1)
@@ -321,12 +339,15 @@ def test_teacher_bn_train_mode_updates_statistics_but_not_weights(teacher):
     cap, _ = run_one_batch(learn, t)
     assert cap.state['t_bn'] == (True, False)
     after = snapshot(t)
-    stats = [k for k in before if k.endswith('running_mean') or k.endswith('running_var')]
-    assert stats and any(not torch.equal(before[k], after[k]) for k in stats)
-    params = {k for k, _ in t.named_parameters()}
-    assert all(torch.equal(before[k], after[k]) for k in params)
+    stats = [k for k in before if k.endswith('running_mean') or k.endswith('running_var') or k.endswith('num_batches_tracked')]
+    assert stats and [k for k in before if not torch.equal(before[k], after[k])] == []
     assert all(p.grad is None for p in t.parameters())
     assert [m.training for m in t.modules()] == modes  # its own modes back
+    # the logits it gave are those of batch statistics: a train-mode forward of a copy, not the eval-mode one
+    ref = copy.deepcopy(t.model).train()
+    with torch.no_grad(): batch_stats, running = ref(cap.inp['t_out']).double(), ref.eval()(cap.inp['t_out']).double()
+    torch.testing.assert_close(cap.out['t_out'], batch_stats, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cap.out['t_out'], running, atol=1e-3)
 
 
 def test_creating_a_student_leaves_a_bn_train_teacher_unchanged(teacher):
@@ -380,27 +401,46 @@ CHILD_TEACHER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def fitted(trained_teacher, tmp_path_factory):
-    """Fit a CDS+KD student and a KD student one epoch each; export both; load them in a process without fastai_cds
-    and the teacher (`load_teacher`) in another, both fresh, in parallel"""
+    """Fit a CDS+KD student and a KD student one epoch each, and every method of the comparison with CDS two steps each
+    (from the same teacher, in train mode); export them all; load them in a process without fastai_cds and the teacher
+    (`load_teacher`) in another, both fresh, in parallel"""
     d = Path(trained_teacher.path)
     t_before, t_modes = snapshot(trained_teacher.model), [m.training for m in trained_teacher.model.modules()]
+    valid_before = trained_teacher.validate()
     set_seed(2)
-    cds = student_learner(CDSCallback(teacher=Distiller(trained_teacher, teacher_bn_train=False), verbose=False))  # eval: the teacher stays as saved
+    cds = student_learner(CDSCallback(teacher=Distiller(trained_teacher, teacher_bn_train=False), verbose=False))  # eval mode
     aux_before = snapshot(cds.model.aux['distill'])
     with cds.no_logging(): cds.fit(1, 1e-2)
     kd = student_learner(KDCallback(trained_teacher))
     with kd.no_logging(): kd.fit(1, 1e-2)
+    comparison = {}
+    for name, make in COMPARISON.items():
+        before = snapshot(trained_teacher.model)
+        learn = student_learner(make(trained_teacher), dls=item_index_dls(make_dls()) if 'crd' in name else None)
+        s_before = snapshot(learn.model.model)
+        with learn.no_logging(): learn.fit(1, 1e-2, cbs=Spy(100, after_batch=stop_after(2)))
+        comparison[name] = dict(learn=learn, s_before=s_before,
+                                changed=[k for k, v in snapshot(trained_teacher.model).items() if not torch.equal(v, before[k])])
     x = make_dls().valid.one_batch()[0].as_subclass(torch.Tensor).clone()
     torch.save(x, d / 'x.pt')
     preds = {}
-    for kind, learn in (('cds', cds), ('kd', kd)):
+    for kind, learn in (('cds', cds), ('kd', kd), *((n, c['learn']) for n, c in comparison.items())):
         learn.export(d / f'{kind}.pkl')
         plain = learn.model.model if isinstance(learn.model, DeepSupervisionModel) else learn.model
         plain.eval()
         with torch.no_grad(): preds[kind] = plain(x)
-    run_children((CHILD_EXPORT, d, 'cds', 'kd'), (CHILD_TEACHER, d))
+    run_children((CHILD_EXPORT, d, 'cds', 'kd', *COMPARISON), (CHILD_TEACHER, d))
     return dict(dir=d, cds=cds, kd=kd, x=x, preds=preds, t_before=t_before, t_modes=t_modes, aux_before=aux_before,
+                valid_before=valid_before, comparison=comparison,
                 res=json.load(open(d / 'res.json')), out=torch.load(d / 'out.pt'), t_out=torch.load(d / 'teacher_out.pt'))
+
+
+def stop_after(n):
+    k = [0]
+    def f():
+        k[0] += 1
+        if k[0] >= n: raise CancelFitException()
+    return f
 
 
 def test_teacher_unchanged_and_without_gradient_after_student_fits(trained_teacher, fitted):
@@ -466,6 +506,43 @@ def test_teacher_from_file_in_a_fresh_process(teacher, fitted):
         assert a.shape == b.shape == (len(x), 64)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(f, b, atol=1e-3)  # a meaningful comparison: an untrained teacher differs
+
+
+@pytest.mark.parametrize('name', list(COMPARISON))
+def test_comparison_method_trains_with_cds_and_leaves_the_teacher(fitted, name):
+    """Two steps with CDS: the student changed, CDS's and the method's terms recorded; no parameter or buffer of the teacher
+    (weights, heads, BatchNorm statistics and counters) changed during that student's fit"""
+    c = fitted['comparison'][name]
+    learn = c['learn']
+    assert c['changed'] == []
+    assert any(not torch.equal(v, snapshot(learn.model.model)[k]) for k, v in c['s_before'].items())
+    hist = learn.loss_terms.history
+    assert len(hist['ce']) == len(hist['contra_0']) == len(hist[TERM[name]]) == 2
+    assert all(torch.isfinite(v) for vs in hist.values() for v in vs)
+    assert all(cb.teacher.bn_train for cb in learn.cbs if isinstance(cb, TeacherCallback))
+
+
+def test_teachers_own_validation_unchanged_by_every_student(trained_teacher, fitted):
+    "The user's report (issue 23): the teacher Learner's validation, after all the students, is what it was before them"
+    assert trained_teacher.validate() == fitted['valid_before']
+
+
+@pytest.mark.parametrize('name', list(COMPARISON))
+def test_comparison_export_is_plain_and_loads_without_fastai_cds(trained_teacher, fitted, name):
+    "A plain student that loads without fastai_cds; no adapter, regressor, embedding, memory bank, head or teacher weight inside"
+    res, d, learn = fitted['res'], fitted['dir'], fitted['comparison'][name]['learn']
+    assert res['blocked'] and res['loaded_cds_modules'] == []
+    assert res[name]['keys'] == list(tiny_cnn(widths=S_WIDTHS).state_dict())
+    assert res[name]['model_type'] == 'torch.nn.modules.container.Sequential'
+    assert not any(c.startswith('fastai_cds') for c in res[name]['cbs'])
+    torch.testing.assert_close(fitted['out'][name], fitted['preds'][name], atol=1e-5, rtol=0)
+    assert ours(d / f'{name}.pkl') == []
+    with zipfile.ZipFile(d / f'{name}.pkl') as z: members = b''.join(z.read(n) for n in z.namelist())
+    aux = learn.model.aux
+    kept = [w for w in [*aux.parameters(), *aux.buffers(), *learn.model.heads.parameters(), trained_teacher.model.model[0][0].weight]
+            if w.numel() >= 16]  # (a scalar's bytes may occur anywhere)
+    assert len(kept) > 7 and all(w.detach().numpy().tobytes() not in members for w in kept)
+    assert (len(list(aux.parameters())) > 0) == (name in ('cds+distill', 'cds+fitnet', 'cds+crd+kd'))
 
 
 # ---------------------------------------------------------------- 4. errors
@@ -567,16 +644,90 @@ def test_reference_distillation_settings(teacher, setting, expected):
 
 
 def test_teacher_in_train_mode_uses_batch_statistics(teacher):
-    "Train mode (the default, as the reference): BatchNorm normalises with the batch's statistics and moves its running ones; eval mode leaves them"
+    "Train mode (the default, as the reference): BatchNorm normalises with the batch's statistics and its running ones stay; so in eval mode"
     t = Distiller(teacher).teacher
     t.model.eval()
     bn = next(m for m in t.model.modules() if isinstance(m, nn.BatchNorm2d))
     x = torch.randn(8, 1, 16, 16) * 3 + 1
-    before = bn.running_mean.clone()
+    before = snapshot(t.model)
     logits_train = t(x)
-    assert not torch.equal(bn.running_mean, before)
-    moved = bn.running_mean.clone()
     t_eval = Distiller(teacher, teacher_bn_train=False).teacher
     logits_eval = t_eval(x)
-    assert torch.equal(bn.running_mean, moved) and not torch.allclose(logits_train, logits_eval)
+    assert [k for k, v in snapshot(t.model).items() if not torch.equal(v, before[k])] == []
+    assert not torch.allclose(logits_train, logits_eval)
     assert not any(m.training for m in t.model.modules())  # the mode is set for the forward only
+    assert bn.track_running_stats  # restored after the call
+
+
+# ---------------------------------------------------------------- 6. the teacher left as given; KD as RepDistiller's; the 'ce' once
+class Counting(nn.Module):
+    "A module writing a buffer in its forward (a counter), besides a BatchNorm"
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1)
+        self.register_buffer('calls', torch.zeros(()))
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(x).flatten(1)
+
+
+def test_buffers_kept_whatever_the_forward_writes():
+    "No buffer changes in train mode: BatchNorm tracks nothing in the block, other buffers are put back, also after an error"
+    from fastai_cds.distill import buffers_kept
+    m = Counting().train()
+    m.bn.running_mean.fill_(3.)
+    before = snapshot(m)
+    x = torch.randn(4, 1, 2, 2) + 5
+    with buffers_kept(m): out = m(x)
+    assert [k for k, v in snapshot(m).items() if not torch.equal(v, before[k])] == []
+    torch.testing.assert_close(out, F.batch_norm(x, None, None, m.bn.weight, m.bn.bias, True).flatten(1))  # batch statistics
+    with pytest.raises(RuntimeError, match='boom'):
+        with buffers_kept(m):
+            m(x)
+            raise RuntimeError('boom')
+    assert [k for k, v in snapshot(m).items() if not torch.equal(v, before[k])] == [] and m.bn.track_running_stats
+    m(x)  # outside the block the module is as before: it tracks its statistics
+    assert not torch.equal(m.bn.running_mean, before['bn.running_mean']) and m.calls == 1
+
+
+def test_kd_repdistiller_loss_equals_hand_computation(teacher):
+    "RepDistiller's KD: 0.1 x CE + 0.9 x KL(p_t || p_s) x 16 at T = 4, the teacher in eval mode; 'ce' and 'kd' recorded"
+    set_seed(1)
+    learn = student_learner(KDCallback.repdistiller(teacher))
+    cap = Capture()
+    cap.add('s_out', learn.model)
+    cap.add('t_out', teacher.model.model)
+    cap.add('t_bn', next(m for m in teacher.model.modules() if is_bn(m)))
+    got = {}
+    learn.add_cbs([Spy(-10, before_batch=lambda: got.update(y=learn.y.as_subclass(torch.Tensor).clone())),
+                   Spy(100, after_loss=lambda: got.update(loss=learn.loss_grad.detach().double()), after_batch=stop)])
+    try: learn.fit(1)
+    finally: cap.remove()
+    s, t, y = cap.out['s_out'], cap.out['t_out'], got['y']
+    assert cap.state['t_bn'] == (False, False)
+    ce, kl = F.cross_entropy(s, y), (F.softmax(t / 4, 1) * (F.log_softmax(t / 4, 1) - F.log_softmax(s / 4, 1))).sum(1).mean()
+    torch.testing.assert_close(got['loss'], 0.1 * ce + 0.9 * 16 * kl, rtol=1e-5, atol=1e-5)
+    hist = learn.loss_terms.history
+    assert abs(float(hist['ce'][0]) - ce.item()) < 1e-5 and abs(float(hist['kd'][0]) - 16 * kl.item()) < 1e-4
+
+
+def test_kd_ce_weight_needs_to_come_first(teacher):
+    "ce_weight scales the learner's own loss: with CDS (whose terms come first) it is refused when fit starts, before a step"
+    learn = student_learner([CDSCallback(verbose=False), KDCallback.repdistiller(teacher)])
+    before = snapshot(learn.model)
+    with pytest.raises(ValueError, match=r'KDCallback\(ce_weight=0.1\) scales the learner.s own loss.*leave ce_weight=1'):
+        learn.fit(1, 1e-3)
+    assert all(torch.equal(v, snapshot(learn.model)[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match='ce_weight must be >= 0'): KDCallback(teacher, ce_weight=-1)
+
+
+def test_the_learners_loss_is_recorded_once(teacher):
+    "By the first distillation callback (KD before AT), or by CDS when it is there; each method's term under its name"
+    from fastai_cds.stage_distill import ATCallback
+    for cbs, names in (([ATCallback(teacher, verbose=False), KDCallback(teacher)], ['ce', 'kd', 'at']),
+                       ([CDSCallback(verbose=False), ATCallback(teacher, verbose=False), KDCallback(teacher)],
+                        ['ce', 'contra_0', 'contra_1', 'contra_2', 'kd', 'at'])):
+        learn = student_learner(cbs)
+        with learn.no_logging(): learn.fit(1, 1e-3, cbs=Spy(100, after_batch=stop))
+        assert list(learn.loss_terms.history) == names
+        assert list(learn.recorder.metric_names[3:-1]) == names

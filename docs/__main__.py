@@ -1,0 +1,4 @@
+import sys
+from docs.build import main
+
+sys.exit(main())
