@@ -1,4 +1,4 @@
-"""ImageNet with contrastive deep supervision, or a baseline, in the reference code's setting (the paper's Table 2).
+"""ImageNet with contrastive deep supervision, or a baseline, in the reference code's setting (the paper's Table 3).
 
 The reference setting (ImageNet/Contrastive_Deep_Supervision/main.py) is the default: a torchvision ResNet18 (or 50),
 CDS with SupCon heads (weight 0.1, tau 0.07) on the 4 stages, the reference's two views (`reference_views('imagenet')`:
@@ -15,57 +15,37 @@ so the stages run at twice torchvision's resolution, about 4x the compute: the p
 ImageNet cannot be downloaded by fastai: pass a local copy with train/ and val/, one subfolder per class.
 What still differs from the reference: recipes/README.md.
 """
-import argparse, time, warnings
+import warnings
 warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # torch.jit.script, used by fastai at import
-from typing import Annotated
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
 from fastai_cds.recipe import *
-
-Switch = Annotated[bool, {'action': argparse.BooleanOptionalAction}]  # --flag / --no-flag
+import fastai_cds.architectures as architectures
 
 @call_parse
+@recipe_options(but='pretrained', wd=1e-4)
 def main(
-    path:str=None, # an ImageNet-style folder: train/ and val/, one subfolder per class
     arch:str='resnet18', # a torchvision architecture: resnet18, resnet50, ...
     reference_stem:Switch=False, # no max-pool, as the reference's ImageNet ResNet (stages at twice the resolution, ~4x compute)
     method:str='cds', # base (CE only), dsn, dks, dhm (deep-supervision baselines), cds (SupCon heads, the paper's), cds-simclr
     epochs:int=90, # training epochs; lr /10 after 1/3 and 2/3 of them (30 and 60 of 90)
     bs:int=256, # batch size of each process (CDS also runs a second view of each image)
     lr:float=0.1, # learning rate
-    wd:float=1e-4, # weight decay (L2, on every parameter, as torch SGD)
     size:int=224, # training and validation image size (items are presized to 8/7 of it)
-    fp16:bool=False, # mixed precision: bfloat16 where the device supports it, else float16 (fastai's to_fp16)
-    channels_last:bool=False, # channels-last memory format (fastai's ChannelsLast callback)
-    compile:bool=False, # torch.compile the model with its heads (CompileCallback; the export is the plain model)
-    export:str=None, # where to export the trained model: a plain fastai Learner, `load_learner` needs no fastai_cds
-    seed:int=None, # seed of Python's, NumPy's and torch's random generators (None: not fixed)
-    workers:int=None, # DataLoader worker processes (None: fastai's default)
-    sync_bn:bool=False, # under N processes on GPUs: BatchNorm statistics over all processes' batches (nn.SyncBatchNorm)
-    cross_rank:bool=False, # under N processes: the contrastive loss contrasts each process's images with every process's (CDS methods)
-    checkpoint:str='checkpoint.pth', # the file of --checkpoint-every and --resume
-    checkpoint_every:int=0, # save the state of training every N epochs and after the last (0: never)
-    resume:bool=False, # continue the run saved in --checkpoint: the epochs done are skipped, the schedule goes on where it stopped
-    smoke:bool=False, # tiny run on 32x32 digit images written on the spot (1 epoch, batch 8), export included: checks the whole path
-):
+    **kwargs):
     "Train a ResNet on ImageNet with CDS or a baseline, print the last and best top-1/top-5 as a table, export the model"
-    size = 32 if smoke else size
+    run = RecipeRun('imagenet', **kwargs)
+    if run.smoke: size, epochs, bs = 32, 1, 8
     views = reference_views('imagenet', size)
-    init_distributed()  # launched on N processes (torchrun, accelerate launch): join them, this process's GPU first
-    cbs = method_callbacks(method, view2_tfms=views.view2_tfms, cross_rank=cross_rank) + [BestMetrics()]
-    if seed is not None: set_seed(seed)
-    if smoke: path, epochs, bs, workers, export = smoke_folder(40, 'val'), 1, 8, 0, export or 'smoke.pkl'
-    path = dataset_path('ImageNet', None, path, layout='train/ and val/ folders, one subfolder per class')
-    dls = ImageDataLoaders.from_folder(path, valid='val', bs=bs, num_workers=workers, item_tfms=views.item_tfms, batch_tfms=views.batch_tfms)
+    dls = ImageDataLoaders.from_folder(run.data_path('imagenet', 'val'), valid='val', bs=bs, num_workers=run.workers,
+                                       item_tfms=views.item_tfms, batch_tfms=views.batch_tfms)
     model = get_arch(arch)(num_classes=dls.c)
-    if reference_stem: model = globals()['reference_stem'](model)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.9, decouple_wd=False), wd=wd, wd_bn_bias=True,
-                    metrics=[accuracy, partial(top_k_accuracy, k=5)], cbs=cbs + checkpointing(checkpoint, checkpoint_every, resume))
-    speedups(learn, fp16, channels_last, compile)
-    start = time.perf_counter()
-    with distributed(learn, sync_bn):
+    if reference_stem: model = architectures.reference_stem(model)
+    cbs = method_callbacks(method, view2_tfms=views.view2_tfms, cross_rank=run.cross_rank) + [BestMetrics()]
+    learn = run.learner(reference_learner(dls, model, run.wd, [accuracy, partial(top_k_accuracy, k=5)], cbs))
+    with run.training(learn):
         learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr, (30, 60), 90)}))
-        report(learn, dict(dataset='digits (smoke)' if smoke else 'imagenet', arch=arch + (' (reference stem)' if reference_stem else ''),
-                           method=method, epochs=epochs), None if smoke else paper_top1('imagenet', arch, method=method), time.perf_counter() - start, top5=True)
-    if export: export_and_check(learn, path/export if smoke and export == 'smoke.pkl' else export)
+        run.report(learn, dict(dataset='imagenet', arch=arch + (' (reference stem)' if reference_stem else ''), method=method,
+                               epochs=epochs), paper_top1('imagenet', arch, method=method), top5=True)
+    run.finish(learn)

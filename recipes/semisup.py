@@ -12,20 +12,20 @@ CIFAR-10/100; Adam with one-cycle over a few epochs instead of SGD over 300; vie
 
     python recipes/semisup.py                              # digits, 10 % of the labels, semi
     python recipes/semisup.py --method base --label-fraction 0.4
-    python recipes/semisup.py --dataset CIFAR --arch resnet18 --size 32
+    python recipes/semisup.py --dataset cifar10 --arch resnet18 --size 32
 """
-import tempfile, warnings
+import warnings
 warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # torch.jit.script, used by fastai at import
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
 from fastai_cds.recipe import *
-from fastai_cds.parallel import rank0_print
 
 @call_parse
+@recipe_options()
 def main(
     method:str='semi', # base (labelled part, plain), cds (labelled part, CDS) or semi (labelled part + unlabelled rest, CDS)
-    dataset:str='digits', # digits (embedded, offline), a fastai URLs name (downloaded: CIFAR, IMAGENETTE_160) or a folder
+    dataset:str='digits', # digits (embedded), cifar10, cifar100 or a fastai URLs name in lower case (--path: a local copy)
     label_fraction:float=0.1, # stratified fraction of the training items that keep their label; the rest is unlabelled
     arch:str='cnn', # cnn (the quickstart's small_cnn) or a torchvision name (resnet18, ...)
     epochs:int=30, # training epochs (an epoch is one pass over the labelled part)
@@ -34,36 +34,19 @@ def main(
     unlabelled_ratio:float=1., # unlabelled batch size / labelled batch size (semi)
     weight:float=0.1, # lambda1: weight of every head's contrastive loss (cds, semi)
     size:int=16, # image size
-    seed:int=0, # fixes the splits, the initialisation and the augmentation
-    pretrained:bool=False, # ImageNet weights for torchvision architectures (downloads them)
-    fp16:bool=False, # mixed precision: bfloat16 where the device supports it (CPU too), else float16 (fastai's to_fp16)
-    channels_last:bool=False, # channels-last memory format (fastai's ChannelsLast callback)
-    compile:bool=False, # torch.compile the model with its heads (CompileCallback; the export is the plain model)
-    export:str='semisup.pkl', # where to export the model ('' to skip)
-    sync_bn:bool=False, # under N processes on GPUs: BatchNorm statistics over all processes' batches (nn.SyncBatchNorm)
-    cross_rank:bool=False, # under N processes: the contrastive loss contrasts each process's images with every process's (CDS methods)
-    checkpoint:str='checkpoint.pth', # the file of --checkpoint-every and --resume
-    checkpoint_every:int=0, # save the state of training every N epochs and after the last (0: never)
-    resume:bool=False, # continue the run saved in --checkpoint: the epochs done are skipped, the schedule goes on where it stopped
-    smoke:bool=False, # a tiny run of the same code path: 1 epoch on a few digits; exports to a temporary folder unless --export is given
-):
+    **kwargs):
     "Train on a labelled fraction (and the unlabelled rest) by `method`; print the accuracy; export the model"
-    if method not in ('base', 'cds', 'semi'): raise CliError(f"--method {method}: pick base, cds or semi")
-    valid_pct = 0.05 if smoke else 0.2
-    if smoke:
-        epochs, bs = 1, 16
-        if dataset == 'digits': label_fraction = min(label_fraction, 0.05)
-        if export == 'semisup.pkl': export = str(Path(tempfile.mkdtemp())/export)  # the default goes to a temporary folder
-    init_distributed()  # launched on N processes (torchrun, accelerate launch): join them, this process's GPU first
-    set_seed(seed, reproducible=True)
-    dls, udl = labelled_data(dataset, size, bs, label_fraction, seed, valid_pct, max(1, round(unlabelled_ratio*bs)))
+    run = RecipeRun('semisup', **kwargs)
+    if method not in ('base', 'cds', 'semi'): raise ValueError(f"--method {method}: pick base, cds or semi")
+    if run.smoke: dataset, epochs, bs, label_fraction = 'digits', 1, 16, min(label_fraction, 0.05)
+    dls, udl = labelled_data(dataset, size, bs, label_fraction, run.seed, 0.05 if run.smoke else 0.2, max(1, round(unlabelled_ratio*bs)),
+                             run.path, num_workers=run.workers)
     v2 = simclr_tfms(n_channels=1, flip=False) if dataset == 'digits' else None  # None: the default view 2
-    cbs = [] if method == 'base' else [CDSCallback(weight=weight, view2_tfms=v2, cross_rank=cross_rank, unlabelled=udl if method == 'semi' else None)]
-    learn = arch_learner(arch, dls, cbs + [BestMetrics()] + checkpointing(checkpoint, checkpoint_every, resume), pretrained)
-    speedups(learn, fp16, channels_last, compile)
-    with distributed(learn, sync_bn):
+    cds = CDSCallback(weight=weight, view2_tfms=v2, cross_rank=run.cross_rank, unlabelled=udl if method == 'semi' else None)
+    learn = run.learner(arch_learner(arch, dls, ([] if method == 'base' else [cds]) + [BestMetrics()], run.pretrained, wd=run.wd))
+    with run.training(learn):
         learn.fit_one_cycle(epochs, lr)
-        with learn.no_bar(): acc = float(learn.validate()[1])
-    rank0_print(f"{dataset}, {label_fraction:.0%} of the training labels ({len(dls.train_ds)} labelled, {len(udl.dataset) if udl else 0} unlabelled "
-          f"images{'' if method == 'semi' else ', not used'}): {arch} ({method}) {acc*100:.2f}%, best {learn.best_metrics.best*100:.2f}% (epoch {learn.best_metrics.best_at+1})")
-    if export: export_and_check(learn, export)
+        unlabelled = f"{len(udl.dataset) if udl else 0} unlabelled" + ('' if method == 'semi' else ' (not used)')
+        run.report(learn, dict(dataset=dataset, labels=f"{label_fraction:.0%}: {len(dls.train_ds)} labelled, {unlabelled}", arch=arch,
+                               method=method, epochs=epochs))
+    run.finish(learn)

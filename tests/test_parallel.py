@@ -4,7 +4,8 @@ Few launches, each checked for several properties (every launch imports torch an
 * `ranks`: one launch of `CHILD` (2 processes started as torchrun would) for the cross-rank loss and gradients against
   one process on the concatenated batch, identical parameters after steps on different data with a last batch of one
   image, and the sharded unlabelled stream;
-* `test_cifar_smoke_launch` (slow, for CI's time): `torchrun --nproc_per_node 2 recipes/cifar.py --smoke`;
+* `test_cifar_smoke_launch` (slow, for CI's time): `torchrun --nproc_per_node 2 recipes/cifar.py --smoke`, exporting
+  where a smoke run does by default (one temporary folder, rank 0's, removed at the end);
 * `test_semisup_kill_and_resume`: the semi-supervised recipe launched three times: uninterrupted, SIGKILLed after an
   epoch, resumed (the uninterrupted launch is also the recipe's export check);
 * `test_distill_smoke_launch` (slow): `torchrun --nproc_per_node 2 recipes/distill.py --smoke`.
@@ -12,6 +13,7 @@ BatchNorm running statistics are not compared across ranks: each rank updates th
 """
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -192,11 +194,12 @@ def test_unlabelled_stream_is_sharded_and_reshuffled(ranks):
 
 
 # ---------------------------------------------------------------------------------------------- the recipes, launched
-def torchrun(recipe:str, *args, timeout:int=TIMEOUT, **kwargs)->subprocess.Popen:
+def torchrun(recipe:str, *args, tmpdir:Path|None=None, **kwargs)->subprocess.Popen:
     "`torchrun --nproc_per_node 2 recipes/<recipe> args` (torch's launcher as a module of this Python), in its own process group"
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(WS), '--master_port', str(free_port()),
            str(ROOT/'recipes'/recipe), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+    env = ENV if tmpdir is None else {**ENV, 'TMPDIR': str(tmpdir)}  # the temporary folders of every process
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
 
 
 def finish(p:subprocess.Popen, timeout:int=TIMEOUT)->str:
@@ -212,24 +215,35 @@ def loads_without_fastai_cds(fname:Path)->str:
     return res.stdout
 
 
-def check_launch(out:str, rc:int, export:Path, table_line:str):
+TABLE = '| dataset '  # the result table's header, printed by rank 0 only
+
+
+def check_launch(out:str, rc:int, export:Path, tmpdir:Path|None=None):
     assert rc == 0, out[-4000:]
-    assert out.count(table_line) == 1, out[-4000:]  # printed by rank 0 only
+    assert out.count(TABLE) == 1, out[-4000:]  # printed by rank 0 only
     assert out.count('exported the') == 1 and export.is_file()
     assert [p.name for p in export.parent.iterdir() if p.suffix in ('.pkl', '.tmp')] == [export.name]  # one file: rank 0's
     assert loads_without_fastai_cds(export).startswith('[true'), 'the export needs fastai_cds'
+    if tmpdir is not None: assert not [p.name for p in tmpdir.iterdir() if p.name.startswith('cds_')], "temporary folders left behind"
 
 
 @pytest.mark.slow  # CI's time: the launch of a recipe; `ranks` above is the fast check of the same engine
 def test_cifar_smoke_launch(tmp_path):
-    p = torchrun('cifar.py', '--smoke', '--export', tmp_path/'cifar.pkl')
-    check_launch(finish(p), p.returncode, tmp_path/'cifar.pkl', '| dataset ')
+    "The smoke run's default export: in rank 0's temporary folder, which every process reads, removed at the end with the smoke data"
+    (tmpdir := tmp_path/'tmp').mkdir()
+    p = torchrun('cifar.py', '--smoke', tmpdir=tmpdir)
+    out = finish(p)
+    assert p.returncode == 0 and out.count(TABLE) == 1, out[-4000:]
+    said = re.findall(r'exported the model to (\S+\.pkl): a plain ResNet', out)
+    assert len(said) == 1 and Path(said[0]).is_relative_to(tmpdir), out[-4000:]
+    assert not [p.name for p in tmpdir.iterdir() if p.name.startswith('cds_')], "temporary folders left behind"
 
 
 @pytest.mark.slow
 def test_distill_smoke_launch(tmp_path):
-    p = torchrun('distill.py', '--smoke', '--export', tmp_path/'student.pkl')
-    check_launch(finish(p), p.returncode, tmp_path/'student.pkl', 'teacher cnn:64')
+    (tmpdir := tmp_path/'tmp').mkdir()
+    p = torchrun('distill.py', '--smoke', '--export', tmp_path/'student.pkl', tmpdir=tmpdir)
+    check_launch(finish(p), p.returncode, tmp_path/'student.pkl', tmpdir)
 
 
 @pytest.mark.slow  # three launches of 2 processes, ~2-3 min: run with `pytest -m slow tests/test_parallel.py`
@@ -237,7 +251,7 @@ def test_semisup_kill_and_resume(tmp_path):
     "Killed (SIGKILL) after an epoch and resumed: the steps and learning rates of an uninterrupted run, the best over every epoch"
     args = ['--epochs', 5, '--bs', 16, '--label-fraction', 0.05, '--checkpoint-every', 1]
     whole = torchrun('semisup.py', *args, '--checkpoint', tmp_path/'whole.pth', '--export', tmp_path/'semi.pkl')
-    check_launch(finish(whole), whole.returncode, tmp_path/'semi.pkl', 'cnn (semi)')
+    check_launch(finish(whole), whole.returncode, tmp_path/'semi.pkl')
     ck = tmp_path/'run.pth'
     killed, kept = torchrun('semisup.py', *args, '--checkpoint', ck, '--export', ''), None
     deadline = time.monotonic() + TIMEOUT

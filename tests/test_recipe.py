@@ -1,6 +1,9 @@
 """Tests of `fastai_cds.recipe`, what the recipes share:
 datasets from a local folder or a download (and the messages when neither works), labelled fractions, learners by
-architecture name, the fine-grained layouts, the smoke folder, result tables and the export check."""
+architecture name, the fine-grained layouts, the smoke folder, result tables and the export check, the shared options
+(`RecipeRun`, `recipe_options`) and the CLI layer (one line for an error a user can fix, a traceback for a bug)."""
+import inspect
+import json
 import re
 from pathlib import Path
 from urllib.error import URLError
@@ -8,15 +11,21 @@ from urllib.error import URLError
 import pytest
 import torch
 import torch.nn.functional as F
+from fastai.callback.core import Callback
 from fastai.data.external import URLs
+from fastcore.docments import docments
 from fastcore.script import CliError
 from PIL import Image
 
 import fastai_cds.recipe as recipe
-from fastai_cds.recipe import (arch_learner, dataset_path, export_and_check, folder_dls, labelled_data, print_table, report, smoke_folder,
-                               split_table, url_of)
+from fastai_cds.recipe import (RecipeRun, arch_learner, dataset_path, export_and_check, folder_dls, labelled_data, print_table,
+                               recipe_options, result_row, smoke_folder, split_table, url_of)
 
-from helpers import manual_valid, small_dls, tiny_cnn, tiny_learner
+from fastai_cds.views import Cutout
+from helpers import manual_valid, ours, small_dls, tiny_cnn, tiny_learner
+
+
+def ours_before(learn): return [type(t).__name__ for t in learn.dls.after_batch.fs if type(t).__module__.startswith('fastai_cds')]
 
 pytestmark = pytest.mark.usefixtures('seeded')  # set_seed(0) before every test (conftest.py)
 
@@ -24,33 +33,37 @@ pytestmark = pytest.mark.usefixtures('seeded')  # set_seed(0) before every test 
 # ---------------------------------------------------------------- dataset_path, url_of
 def test_dataset_path_local_folder_wins(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, 'untar_data', lambda *a, **k: pytest.fail('downloaded although a folder was given'))
-    assert dataset_path('CIFAR', URLs.CIFAR, tmp_path) == tmp_path
-    assert dataset_path('CIFAR', URLs.CIFAR, str(tmp_path)) == tmp_path
+    assert dataset_path('cifar10', tmp_path) == tmp_path
+    assert dataset_path('dogs', str(tmp_path)) == tmp_path  # no download for it: the folder is all there is
+    assert dataset_path('my_own_data', tmp_path) == tmp_path  # any name, with its folder
 
 
 def test_dataset_path_messages(tmp_path, monkeypatch):
-    with pytest.raises(CliError, match=r"CUB is not among fastai's datasets: download it yourself and pass its folder with --path"):
-        dataset_path('CUB', None)
-    with pytest.raises(CliError, match=re.escape(f"--path {tmp_path / 'nope'}: no such folder")):
-        dataset_path('CIFAR', URLs.CIFAR, tmp_path / 'nope')
+    "Python's errors, each naming the fix: the recipes' CLI layer prints them in one line"
+    with pytest.raises(ValueError, match=r"Stanford Dogs is not among fastai's datasets: download it yourself and pass its folder with --path"):
+        dataset_path('dogs')
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--path {tmp_path / 'nope'}: no such folder")):
+        dataset_path('cifar10', tmp_path / 'nope')
+    with pytest.raises(ValueError, match=r"--dataset CIFAR-10: not one of cifar10, cifar100, .* nor a fastai URLs name"):
+        dataset_path('CIFAR-10')
     def offline(url, *a, **k): raise URLError('no network')
     monkeypatch.setattr(recipe, 'untar_data', offline)
-    with pytest.raises(CliError, match=r"Could not download CIFAR from .*URLError.*no network.*pass the folder with --path") as e:
-        dataset_path('CIFAR', URLs.CIFAR)
-    assert URLs.CIFAR in str(e.value)
-    with pytest.raises(CliError, match=r"pass the folder with --dataset \(a layout\)"):
-        dataset_path('CIFAR', URLs.CIFAR, layout='a layout', option='--dataset')
+    with pytest.raises(ConnectionError, match=r"Could not download CIFAR-100 from .*URLError.*no network.*pass the folder with --path "
+                                              r"\(train/ and test/ folders, one subfolder per class\)") as e:
+        dataset_path('cifar100')
+    assert URLs.CIFAR_100 in str(e.value) and '\n' not in str(e.value)
 
 
 def test_dataset_path_downloads_with_fastai(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(recipe, 'untar_data', lambda url: calls.append(url) or tmp_path)
-    assert dataset_path('CIFAR', URLs.CIFAR) == tmp_path and calls == [URLs.CIFAR]
+    assert dataset_path('cifar10') == tmp_path and dataset_path('imagenette_160') == tmp_path and dataset_path('cub') == tmp_path
+    assert calls == [URLs.CIFAR, URLs.IMAGENETTE_160, URLs.CUB_200_2011]
 
 
 def test_url_of():
-    assert url_of('CIFAR') == URLs.CIFAR and url_of('IMAGENETTE_160') == URLs.IMAGENETTE_160
-    assert url_of('NOT_A_DATASET') is None and url_of('path') is None  # `URLs.path` is a method, not a URL
+    assert url_of('cifar') == URLs.CIFAR and url_of('imagenette_160') == URLs.IMAGENETTE_160
+    assert url_of('not_a_dataset') is None and url_of('local_path') is None  # `URLs.LOCAL_PATH` is a folder, not a URL
 
 
 # ---------------------------------------------------------------- smoke_folder, folder_dls
@@ -72,7 +85,7 @@ def test_smoke_folder_layout(valid):
 
 def test_folder_dls_needs_train_and_valid(tmp_path):
     (tmp_path / 'train').mkdir()
-    with pytest.raises(CliError, match='no train/ and valid/, val/ or test/ folders'): folder_dls(tmp_path, 8, 2)
+    with pytest.raises(FileNotFoundError, match='no train/ and valid/, val/ or test/ folders'): folder_dls(tmp_path, 8, 2)
 
 
 # ---------------------------------------------------------------- tables, report, export check
@@ -80,15 +93,19 @@ def test_print_table(capsys):
     print_table({'method': 'cds', 'top-1 (%)': '81.20', 'x': 3})
     lines = capsys.readouterr().out.splitlines()
     assert lines == ['| method | top-1 (%) | x |', '| ------ | --------- | - |', '| cds    | 81.20     | 3 |']
+    print_table([{'method': 'base', 'top-1 (%)': '77.45'}, {'method': 'cds', 'top-1 (%)': '80.84', 'paper top-1 (%)': '80.84'}])
+    assert capsys.readouterr().out.splitlines() == [  # a column for every key of any row, empty where a row has none
+        '| method | top-1 (%) | paper top-1 (%) |', '| ------ | --------- | --------------- |',
+        '| base   | 77.45     |                 |', '| cds    | 80.84     | 80.84           |']
 
 
-def test_report_numbers_are_the_learners(capsys):
+def test_result_row_numbers_are_the_learners():
     learn = tiny_learner(small_dls())
     logits, ys = manual_valid(learn)
-    report(learn, {'method': 'cds'}, paper=80.84, secs=3.)
-    header, _, values = [[c.strip() for c in l.strip('|').split('|')] for l in capsys.readouterr().out.splitlines()]
-    row = dict(zip(header, values))
-    assert row['method'] == 'cds' and row['paper top-1 (%)'] == '80.84' and row['train time'] == '3.0 s'
+    row = result_row(learn, {'method': 'cds'}, paper=80.84, secs=3.)
+    assert list(row)[:2] == ['method', 'top-1 (%)'] and row['method'] == 'cds'
+    assert row['paper top-1 (%)'] == '80.84' and row['train time'] == '3.0 s'
+    assert 'paper top-1 (%)' not in result_row(learn, {'method': 'cds'})  # no paper number: no column
     assert float(row['top-1 (%)']) == pytest.approx((logits.argmax(1) == ys).float().mean().item() * 100, abs=0.006)
     assert float(row['valid loss']) == pytest.approx(F.cross_entropy(logits, ys).item(), abs=6e-5)
     assert 0 <= float(row['ECE (%)']) <= 100
@@ -100,7 +117,17 @@ def test_export_and_check(tmp_path, capsys):
     out = capsys.readouterr().out
     n = sum(p.numel() for p in tiny_cnn().parameters())
     assert f"exported the student to {tmp_path / 'm.pkl'}: a plain Sequential, {n:,} parameters" in out
-    assert Path(tmp_path / 'm.pkl').exists()
+    assert Path(tmp_path / 'm.pkl').exists() and not ours(tmp_path / 'm.pkl')
+
+
+def test_export_and_check_a_baseline_with_our_transforms(tmp_path):
+    "A baseline (no callback of ours on the Learner) whose DataLoaders carry our transforms still exports a plain Learner"
+    dls = small_dls()
+    dls.after_batch.add(Cutout(4))
+    learn = tiny_learner(dls, cds=[])
+    assert ours_before(learn) and not any(type(cb).__module__.startswith('fastai_cds') for cb in learn.cbs)
+    export_and_check(learn, tmp_path / 'm.pkl')
+    assert not ours(tmp_path / 'm.pkl') and ours_before(learn)  # and `learn` keeps them
 
 
 # ---------------------------------------------------------------- data of the semi-supervised and distillation recipes
@@ -110,9 +137,10 @@ def test_labelled_data_digits_fraction_and_rest():
     assert labelled_data('digits', 16, 16)[1] is None  # every label kept: no unlabelled loader
 
 
-def test_labelled_data_unknown_dataset():
-    "--dataset neither digits, a folder nor a fastai URLs name: one message, no download tried"
-    with pytest.raises(CliError, match='--dataset CIFAR10: not digits, a folder or a fastai URLs name'): labelled_data('CIFAR10', 16, 16)
+def test_labelled_data_unknown_dataset(tmp_path):
+    "--dataset neither digits, one of ours nor a fastai URLs name: one message, no download tried; the digits take no --path"
+    with pytest.raises(ValueError, match='--dataset cifar_10: not one of'): labelled_data('cifar_10', 16, 16)
+    with pytest.raises(ValueError, match='the digits are embedded'): labelled_data('digits', 16, 16, path=tmp_path)
 
 
 def test_arch_learner_small_cnn_and_torchvision():
@@ -121,7 +149,7 @@ def test_arch_learner_small_cnn_and_torchvision():
     assert [m.out_channels for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d)][:3] == [8, 8, 16]
     learn = arch_learner('resnet18', dls)
     assert learn.model[0][0].in_channels == 1 and learn.model[-1][-1].out_features == 10  # the digits' 1 channel, 10 classes
-    with pytest.raises(CliError, match='--arch resnet19: .*did you mean resnet18'): arch_learner('resnet19', dls)
+    with pytest.raises(ValueError, match='--arch resnet19: .*did you mean resnet18'): arch_learner('resnet19', dls)
 
 
 # ---------------------------------------------------------------- fine-grained layouts (`split_table`)
@@ -176,7 +204,7 @@ def test_layout_cars_annos(tmp_path):
 
 def test_layout_unknown(tmp_path):
     touch(tmp_path/'images'/'x.jpg')
-    with pytest.raises(CliError, match='ImageNet-style'): split_table(tmp_path)
+    with pytest.raises(ValueError, match='ImageNet-style'): split_table(tmp_path)
 
 
 # ---------------------------------------------------------------- the paper's numbers and the best epoch
@@ -194,7 +222,99 @@ def test_paper_tables_match_the_paper():
         ('dogs', 'resnet50', 'scratch'): (64.00, 66.32, 68.31, 68.38, 69.02), ('dogs', 'resnet50', 'pretrained'): (76.47, 77.21, 78.32, 78.20, 80.99),
         ('aircraft', 'resnet50', 'scratch'): (74.07, 74.49, 75.07, 75.00, 75.43), ('aircraft', 'resnet50', 'pretrained'): (87.43, 89.31, 89.20, 89.57, 90.52),
     }
-    assert set(PAPER_TOP1) == set(tables)
+    kd = ('student', 'kd', 'cds+kd')  # Tables 7 (ImageNet) and 8 (CIFAR): Base, KD, CDS+KD of a ResNet student
+    distill = {('cifar100', 'resnet18'): (77.45, 78.68, 83.31), ('cifar100', 'resnet50'): (77.81, 79.19, 83.53),
+               ('cifar10', 'resnet18'): (94.96, 95.24, 96.84), ('cifar10', 'resnet50'): (95.07, 95.31, 97.08),
+               ('imagenet', 'resnet18'): (69.21, 70.52, 73.23), ('imagenet', 'resnet34'): (73.17, 74.44, 76.65),
+               ('imagenet', 'resnet50'): (75.30, 76.62, 78.68)}
+    assert set(PAPER_TOP1) == set(tables) | {(*k, 'distill') for k in distill}
+    for setting, numbers in distill.items():
+        assert [paper_top1(*setting, 'distill', method=k) for k in kd] == list(numbers), setting
     for setting, numbers in tables.items():
         assert [paper_top1(*setting, method=k) for k in m] == list(numbers), setting
     assert paper_top1('cub', 'resnet50', method='cds') is None  # the fine-grained tables need the setting
+
+
+# ---------------------------------------------------------------- the shared options and the CLI layer
+def example_recipe(**options):
+    "A recipe's `main` as the recipes write it (its own option `lr`, the shared ones), defined here: this file is its source"
+    @recipe_options(**options)
+    def main(
+        lr:float=0.1, # learning rate
+        **kwargs):
+        "An example recipe"
+        if lr < 0: raise ValueError(f"--lr {lr}: a learning rate is positive,\n\tpass one")  # a check of ours
+        if lr == 7: raise TypeError("a bug")
+        if lr == 8: json.loads('not json')  # a ValueError of another library
+        return lr, kwargs
+    return main
+
+
+def test_recipe_options_signature_and_help():
+    "The recipe's own option first, then every option of `RecipeRun` with its docments as help; `but` drops some, defaults change"
+    shared = {k: v for k, v in docments(RecipeRun, full=True).items() if k not in ('self', 'name', 'return')}
+    main = example_recipe()
+    help_ = docments(main, full=True, eval_str=True)
+    assert list(inspect.signature(main).parameters) == ['lr', *shared]
+    assert help_['lr'].docment == 'learning rate'
+    assert all(help_[k].docment == v.docment and v.docment and help_[k].default == v.default for k, v in shared.items())
+    main = example_recipe(but='path workers', pretrained=True, wd=5e-4)
+    params = inspect.signature(main).parameters
+    assert 'path' not in params and 'workers' not in params and params['pretrained'].default is True and params['wd'].default == 5e-4
+    lr, kwargs = main()  # a Python call: the recipe's defaults, as from the command line
+    assert lr == 0.1 and kwargs['pretrained'] is True and kwargs['wd'] == 5e-4 and kwargs['seed'] == shared['seed'].default
+    with pytest.raises(TypeError, match='no shared option lr_max'): example_recipe(lr_max=1)
+
+
+def test_cli_layer_one_line_for_our_checks_traceback_for_bugs(monkeypatch):
+    main = example_recipe()
+    with pytest.raises(CliError) as e: main(lr=-1)  # call_parse prints a CliError's message alone and exits with status 1
+    assert str(e.value) == '--lr -1: a learning rate is positive, pass one' and isinstance(e.value.__cause__, ValueError)
+    with pytest.raises(TypeError, match='a bug'): main(lr=7)  # anything else keeps its traceback
+    with pytest.raises(json.JSONDecodeError): main(lr=8)  # a ValueError, but not raised by our checks
+    monkeypatch.setenv('RANK', '1')  # a process other than rank 0 of a distributed run: exits 1 quietly, rank 0 says it
+    with pytest.raises(SystemExit) as e: main(lr=-1)
+    assert e.value.code == 1
+
+
+class Check(Callback):
+    "A ValueError at `event`: a check before the fit starts, or one while batches run"
+    def __init__(self, event): self.event = event
+    def before_fit(self):
+        if self.event == 'before_fit': raise ValueError('bad value at before_fit')
+    def before_batch(self):
+        if self.event == 'before_batch': raise ValueError('bad value at before_batch')
+
+
+@pytest.mark.parametrize('event,one_line', [('before_fit', True), ('before_batch', False)])
+def test_cli_layer_before_training_only(event, one_line):
+    "A callback's check before the fit starts is a user's to fix; a ValueError while batches run is a bug (traceback)"
+    @recipe_options()
+    def main(**kwargs):
+        learn = tiny_learner(small_dls(), cds=Check(event))
+        with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    with pytest.raises(CliError if one_line else ValueError) as e: main()
+    assert str(e.value) == f'bad value at {event}' if one_line else 'when calling event `before_batch`' in str(e.value)
+
+
+def test_recipe_run_learner_and_no_bar(tmp_path, capsys):
+    "`learner` adds the checkpoints (tagged), the speed-ups and, with --no-bar, one plain line per epoch"
+    run = RecipeRun('example', checkpoint=str(tmp_path/'ck.pth'), checkpoint_every=1, channels_last=True, bar=False)
+    learn = run.learner(tiny_learner(small_dls()), tag='teacher')
+    names = [type(cb).__name__ for cb in learn.cbs]
+    assert 'ProgressCallback' not in names and {'EpochLog', 'CheckpointCallback', 'ChannelsLast'} <= set(names)
+    with run.training(learn): learn.fit(1)
+    out = capsys.readouterr().out
+    assert '\r' not in out and [l.split()[:2] for l in out.splitlines()] == [['epoch', 'train_loss'], ['0', f'{learn.recorder.values[0][0]:.6f}']]
+    assert (tmp_path/'ck.teacher.pth').is_file()
+
+
+def test_recipe_run_export(tmp_path, monkeypatch, capsys):
+    "--export: by default `<recipe>.pkl` in the current folder; '' none; a path, there"
+    monkeypatch.chdir(tmp_path)
+    learn = tiny_learner(small_dls())
+    RecipeRun('example').finish(learn)
+    RecipeRun('other', export='').finish(learn)
+    RecipeRun('third', export=str(tmp_path/'sub'/'m.pkl')).finish(learn, 'student')
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*.pkl')) == ['example.pkl', 'sub/m.pkl']
+    assert 'exported the student to' in capsys.readouterr().out
