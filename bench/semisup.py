@@ -6,7 +6,7 @@ the labelled part plus the unlabelled rest through the contrastive term only, un
 A seed fixes the data split, the labelled subset and the initialisation for every method, so the differences to the
 baseline are paired. An epoch is one pass over the labelled part; every method trains the same number of steps at a
 given fraction. Results go one JSON line per run to `bench/out/semisup.jsonl` as they finish; runs already there are
-skipped, so an interrupted benchmark resumes. Writes the plot to `bench/out/semisup.png`. Not run by CI.
+skipped, so an interrupted benchmark resumes. Writes the plot to `bench/out/semisup.png` (the docs' copy: docs/pages/semisup.png). Not run by CI.
 
 Deviations from the paper: digits at 16x16 instead of CIFAR-10/100, a 4-stage CNN instead of a ResNet18, Adam with
 one-cycle and few epochs instead of SGD over 300 epochs; view 2 without flip (digits are not mirror-symmetric).
