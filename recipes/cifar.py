@@ -56,5 +56,7 @@ def main(
         else: learn.fit_one_cycle(epochs, lr)
         run.report(learn, dict(dataset=dataset, arch=arch, method=method, schedule=schedule, epochs=epochs),
                    paper_top1(dataset, arch, method=method))
-    if save_model: learn.save(Path(save_model.removesuffix('.pth')).absolute(), with_opt=False)  # the model with its heads (CDS)
+    if save_model:  # the model with its heads (CDS), in the file's own folder (fastai's `save` makes its `model_dir`)
+        learn.model_dir = Path(save_model).absolute().parent
+        learn.save(Path(save_model).name.removesuffix('.pth'), with_opt=False)
     run.finish(learn)

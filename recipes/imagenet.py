@@ -13,6 +13,7 @@ top-1 and top-5 are reported.
 The reference stem (`--reference-stem`, the default) leaves out the max-pool as the reference's ImageNet ResNet does (it
 defines one but never calls it), so the stages run at twice torchvision's resolution, about 4x the compute: the paper's
 numbers come from that network. `--no-reference-stem` keeps torchvision's max-pool (a departure: no paper number).
+`--save-model FILE` saves the trained model with its heads: a CDS teacher for `recipes/distill.py --teacher-file FILE`.
 `--bs` is the batch of each process: on N GPUs (`accelerate launch` / `torchrun`, see the README) pass --bs 256/N.
 ImageNet cannot be downloaded by fastai: pass a local copy with train/ and val/, one subfolder per class.
 What still differs from the reference: recipes/README.md.
@@ -35,6 +36,7 @@ def main(
     bs:int=256, # batch size of each process (CDS also runs a second view of each image)
     lr:float=0.1, # learning rate
     size:int=224, # training and validation image size (items are presized to 8/7 of it)
+    save_model:str='', # save the trained model with its heads (`learn.save`) to this .pth file: a teacher for distill.py --teacher-file
     **kwargs):
     "Train a ResNet on ImageNet with CDS or a baseline, print the last and best top-1/top-5 as a table, export the model"
     run = RecipeRun('imagenet', **kwargs)
@@ -50,4 +52,7 @@ def main(
         learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr, (30, 60), 90)}))
         run.report(learn, dict(dataset='imagenet', arch=arch + (' (reference stem)' if reference_stem else ''), method=method,
                                epochs=epochs), paper_top1('imagenet', arch, method=method) if reference_stem else None, top5=True)
+    if save_model:  # the model with its heads (CDS), in the file's own folder
+        learn.model_dir = Path(save_model).absolute().parent
+        learn.save(Path(save_model).name.removesuffix('.pth'), with_opt=False)
     run.finish(learn)
