@@ -45,7 +45,8 @@ PROBE = textwrap.dedent("""
             self.seen, self.hooks = {'bn_training': [], 'heads_ran': False}, []
             for t in filter(None, map(teacher_of, self.learn.cbs)):
                 for m in t.model.modules():
-                    if isinstance(m, _BatchNorm): self.hooks.append(m.register_forward_hook(lambda m, i, o: self.seen['bn_training'].append(m.training)))
+                    if isinstance(m, _BatchNorm):
+                        self.hooks.append(m.register_forward_hook(lambda m, i, o: self.seen['bn_training'].append(m.training)))
                 if hasattr(t.model, 'heads'):
                     self.hooks.append(t.model.heads[0].register_forward_hook(lambda *a: self.seen.update(heads_ran=True)))
         def after_batch(self):
@@ -144,17 +145,19 @@ def assert_reference_schedule(fit:dict):
     assert lrs is not None, 'no ParamScheduler on lr'
     drops = [k for k in range(1, 300) if lrs[k] < lrs[k-1] - 1e-12]
     assert drops == [90, 180, 280], drops
-    assert lrs[0] == pytest.approx(0.1) and lrs[100] == pytest.approx(0.01) and lrs[200] == pytest.approx(1e-3) and lrs[299] == pytest.approx(1e-4)
+    assert [lrs[k] for k in (0, 100, 200, 299)] == pytest.approx([0.1, 0.01, 1e-3, 1e-4])
 
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 def assert_reference_views(fit:dict, size:int=16):
-    "View 1: pad 4 (grey) + crop, flip, Cutout 16 before Normalize; view 2: pad 4 (black) + crop, flip, jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2"
+    """View 1: pad 4 (grey) + crop, flip, Cutout 16 before Normalize; view 2: pad 4 (black) + crop, flip, jitter (0.4, 0.4, 0.4,
+    0.1) p=0.8, grayscale 0.2 (pad and Cutout scaled to the smoke's 16 px)"""
     v1 = {t['name']: t for t in fit['view1']}
     names = [t['name'] for t in fit['view1']]
     assert {'PadCropFlip', 'Cutout', 'Normalize'} <= set(names) and names.index('Cutout') < names.index('Normalize'), names
-    assert v1['PadCropFlip']['padding'] == 4*size//32 and v1['PadCropFlip']['fill'] == pytest.approx(128/255) and v1['PadCropFlip']['p_flip'] == 0.5
+    pcf = v1['PadCropFlip']
+    assert pcf['padding'] == 4*size//32 and pcf['fill'] == pytest.approx(128/255) and pcf['p_flip'] == 0.5, pcf
     assert v1['Cutout']['size'] == 16*size//32
     assert v1['Normalize']['mean'] == pytest.approx(CIFAR_MEAN) and v1['Normalize']['std'] == pytest.approx(CIFAR_STD)
     assert not {'RandomResizedCropBatch', 'Flip', 'Brightness', 'Contrast'} & set(names), names  # fastai's aug_transforms: none
@@ -192,7 +195,7 @@ def test_distill_cifar_student_and_teacher(facts):
     assert_cifar_resnet(student, 512)
     assert 'CDSCallback' in student['cbs'] and 'DistillCallback' in student['cbs'], student['cbs']
     assert student['teachers'] == [dict(has_heads=True, bn_train=True, model='ResNet', fc=[['fc', 2048]])], student['teachers']
-    assert student['teacher_bn_training'] == [True] and student['teacher_heads_ran'], (student['teacher_bn_training'], student['teacher_heads_ran'])
+    assert student['teacher_bn_training'] == [True] and student['teacher_heads_ran'], student['teacher_bn_training']
     assert student['bs'] == 8 and student['best_monitor'] == 'accuracy' and 'BestMetrics' in student['cbs']
     assert '83.31' in f['stdout'] and 'paper top-1 (%)' in f['stdout'], f['stdout'][-2000:]  # Table 8, ResNet18 student, CDS + KD
 
