@@ -688,6 +688,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                            'fastai_cds/tensor_data.py'),
                                         'fastai_cds.tensor_data.TensorImages.one_file': ( 'tensor_data.html#tensorimages.one_file',
                                                                                           'fastai_cds/tensor_data.py'),
+                                        'fastai_cds.tensor_data.TensorImages.subset': ( 'tensor_data.html#tensorimages.subset',
+                                                                                        'fastai_cds/tensor_data.py'),
                                         'fastai_cds.tensor_data._check_images': ( 'tensor_data.html#_check_images',
                                                                                   'fastai_cds/tensor_data.py'),
                                         'fastai_cds.tensor_data._class_images': ( 'tensor_data.html#_class_images',

@@ -29,18 +29,19 @@ def stratified_fraction(labels, fraction:float, seed:int=0)->tuple[np.ndarray, n
 
 # %% ../nbs/10_semi.ipynb #405aa8a5
 def _subset(ds:Datasets, idx)->Datasets:
-    "The items `idx` of `ds`, with the same transforms"
+    "The items `idx` of `ds`, with the same transforms (not fastai's Datasets: its own `subset`, as `TensorImages`')"
+    if not hasattr(ds, 'tls'): return ds.subset(idx)
     return Datasets(tls=[tl._new([tl.items[i] for i in idx], split_idx=tl.split_idx) for tl in ds.tls], n_inp=ds.n_inp)
 
 def split_labelled(
-    dls:DataLoaders, # any fastai DataLoaders with a labelled training set
+    dls:DataLoaders, # fastai DataLoaders with a labelled training set (fastai's Datasets, or `TensorImages`)
     fraction:float, # stratified fraction of the training items that keep their label
     seed:int=0, # fixes the split
     unlabelled_bs:int|None=None, # batch size of the unlabelled loader (default: the training one's)
 )->tuple[DataLoaders, TfmdDL]: # (DataLoaders with the labelled part, a DataLoader of the rest)
     "Split `dls`' training set into a labelled fraction and an unlabelled DataLoader (whose labels are never used)"
     ds = dls.train_ds
-    labels = [int(ds.tls[-1][i]) for i in range(len(ds))]
+    labels = ds.labels.tolist() if not hasattr(ds, 'tls') else [int(ds.tls[-1][i]) for i in range(len(ds))]
     lab, unlab = stratified_fraction(labels, fraction, seed)
     if len(unlab) == 0: raise ValueError(f"split_labelled: fraction {fraction} leaves no unlabelled items")
     train = dls.train.new(dataset=_subset(ds, lab))

@@ -52,6 +52,10 @@ class TensorImages:
     def __len__(self): return len(self.images)
     def __getitem__(self, i): return self.batch([i])
     def batch(self, idxs)->tuple: return TensorImage(self.images[idxs]), TensorCategory(self.labels[idxs])
+    def subset(self, idxs)->TensorImages:
+        "The items `idxs` (as `split_labelled` takes a labelled fraction), the same classes and split"
+        idxs = torch.as_tensor(idxs, dtype=torch.long)
+        return TensorImages(self.images[idxs], self.labels[idxs], list(self.vocab), self.split_idx)
     @property
     def c(self)->int: return len(self.vocab)
     def decode(self, o:tuple, full:bool=True)->tuple: return (o[0], Category(self.vocab[int(o[1])]))

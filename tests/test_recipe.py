@@ -209,27 +209,49 @@ def test_layout_unknown(tmp_path):
 
 # ---------------------------------------------------------------- the paper's numbers and the best epoch
 def test_paper_tables_match_the_paper():
-    "Tables 1-2 (CIFAR, ImageNet) and 5-6 (fine-grained, ResNet50, from scratch / fine-tuned), typed in from ../shared/cds-method.md"
+    "Tables 1-3 (CIFAR-100, CIFAR-10, ImageNet), 5-6 (fine-grained, ResNet50) and 7-8 (distillation), typed in from ../shared/cds-method.md"
     from fastai_cds.recipe import PAPER_TOP1, paper_top1
+    from fastai_cds.architectures import CIFAR_ARCHS
     m = ('base', 'dsn', 'dks', 'dhm', 'cds')
     tables = {
         ('cifar100', 'resnet18'): (77.45, 78.30, 78.96, 78.82, 80.84), ('cifar100', 'resnet50'): (77.81, 78.96, 80.95, 81.12, 81.31),
-        ('cifar10', 'resnet18'): (94.96, 95.31, 95.72, 95.61, 96.49),
-        ('imagenet', 'resnet18'): (69.21, 69.54, 71.32, 71.29, 72.85), ('imagenet', 'resnet50'): (75.30, 75.37, 76.47, 76.57, 78.25),
+        ('cifar100', 'resnet101'): (78.65, 79.37, 81.39, 81.27, 83.12), ('cifar100', 'resnext50'): (79.85, 81.02, 82.27, 82.14, 82.81),
+        ('cifar100', 'resnext101'): (80.67, 81.70, 82.98, 83.27, 83.87), ('cifar100', 'wrn50'): (79.46, 80.98, 81.95, 81.76, 82.28),
+        ('cifar100', 'wrn101'): (79.98, 81.30, 82.58, 82.76, 83.93), ('cifar100', 'senet18'): (77.46, 78.28, 79.32, 79.14, 80.13),
+        ('cifar100', 'senet50'): (78.02, 79.46, 80.76, 80.72, 81.51), ('cifar100', 'preactresnet18'): (76.84, 77.40, 78.96, 78.32, 80.76),
+        ('cifar10', 'resnet18'): (94.96, 95.31, 95.72, 95.61, 96.49), ('cifar10', 'resnet50'): (95.07, 95.41, 95.90, 95.87, 96.78),
+        ('cifar10', 'resnet101'): (95.13, 95.63, 96.21, 96.04, 97.02), ('cifar10', 'resnext50'): (95.09, 95.39, 95.98, 96.10, 96.76),
+        ('cifar10', 'resnext101'): (95.34, 95.70, 96.10, 96.27, 97.05), ('cifar10', 'wrn50'): (95.01, 95.27, 95.50, 95.62, 96.88),
+        ('cifar10', 'wrn101'): (95.27, 95.78, 96.12, 96.31, 97.01), ('cifar10', 'senet18'): (94.86, 95.21, 95.74, 95.59, 96.50),
+        ('cifar10', 'senet50'): (95.11, 95.41, 95.72, 95.77, 96.73), ('cifar10', 'preactresnet18'): (94.78, 95.13, 95.47, 95.38, 96.37),
+        ('imagenet', 'resnet18'): (69.21, 69.54, 71.32, 71.29, 72.85), ('imagenet', 'resnet34'): (73.17, 73.29, 74.01, 73.89, 76.19),
+        ('imagenet', 'resnet50'): (75.30, 75.37, 76.47, 76.57, 78.25),
         ('cub', 'resnet50', 'scratch'): (60.65, 62.37, 63.59, 64.01, 64.65), ('cub', 'resnet50', 'pretrained'): (78.50, 80.14, 81.34, 81.27, 82.10),
         ('cars', 'resnet50', 'scratch'): (79.86, 81.04, 81.52, 81.49, 82.07), ('cars', 'resnet50', 'pretrained'): (90.25, 91.32, 92.54, 92.31, 92.90),
         ('flowers', 'resnet50', 'scratch'): (87.52, 88.54, 88.94, 89.03, 89.26), ('flowers', 'resnet50', 'pretrained'): (97.68, 98.64, 99.01, 98.84, 99.39),
         ('dogs', 'resnet50', 'scratch'): (64.00, 66.32, 68.31, 68.38, 69.02), ('dogs', 'resnet50', 'pretrained'): (76.47, 77.21, 78.32, 78.20, 80.99),
         ('aircraft', 'resnet50', 'scratch'): (74.07, 74.49, 75.07, 75.00, 75.43), ('aircraft', 'resnet50', 'pretrained'): (87.43, 89.31, 89.20, 89.57, 90.52),
     }
-    kd = ('student', 'kd', 'cds+kd')  # Tables 7 (ImageNet) and 8 (CIFAR): Base, KD, CDS+KD of a ResNet student
-    distill = {('cifar100', 'resnet18'): (77.45, 78.68, 83.31), ('cifar100', 'resnet50'): (77.81, 79.19, 83.53),
-               ('cifar10', 'resnet18'): (94.96, 95.24, 96.84), ('cifar10', 'resnet50'): (95.07, 95.31, 97.08),
-               ('imagenet', 'resnet18'): (69.21, 70.52, 73.23), ('imagenet', 'resnet34'): (73.17, 74.44, 76.65),
-               ('imagenet', 'resnet50'): (75.30, 76.62, 78.68)}
-    assert set(PAPER_TOP1) == set(tables) | {(*k, 'distill') for k in distill}
+    kd = ('student', 'kd', 'fitnet', 'at', 'rkd', 'sp', 'crd', 'cds+kd')  # Table 8 (CIFAR): Base, KD, FitNet, AT, RKD, SP, CRD, CDS+KD
+    distill = {  # a few rows of Table 8 typed in whole (each column once at least), and the checks below for every row
+        ('cifar100', 'resnet18'): (77.45, 78.68, 78.15, 78.09, 78.21, 78.19, 81.41, 83.31),
+        ('cifar10', 'resnext50'): (95.09, 95.27, 95.36, 95.68, 95.59, 95.37, 96.49, 97.15),
+        ('cifar100', 'shufflenetv1'): (72.46, 74.08, 74.19, 74.11, 74.56, 74.68, 75.11, 75.77),
+        ('cifar10', 'preactresnet50'): (94.89, 95.21, 95.57, 95.49, 95.37, 95.48, 96.11, 96.93)}
+    imagenet_kd = {'resnet18': (69.21, 70.52, 70.74, 70.63, 70.61, 71.07, 73.23),
+                   'resnet34': (73.17, 74.44, 74.69, 74.61, 74.60, 74.99, 76.65), 'resnet50': (75.30, 76.62, 76.79, 76.92, 76.88, 77.21, 78.68)}  # Table 7: no FitNet
+    assert set(PAPER_TOP1) == set(tables) | {(d, a, 'distill') for d in ('cifar10', 'cifar100') for a in CIFAR_ARCHS} | {
+        ('imagenet', a, 'distill') for a in imagenet_kd}
     for setting, numbers in distill.items():
         assert [paper_top1(*setting, 'distill', method=k) for k in kd] == list(numbers), setting
+    for arch, numbers in imagenet_kd.items():
+        assert [paper_top1('imagenet', arch, 'distill', method=k) for k in kd if k != 'fitnet'] == list(numbers), arch
+        assert paper_top1('imagenet', arch, 'distill', method='fitnet') is None
+    for d in ('cifar10', 'cifar100'):
+        for a in CIFAR_ARCHS:  # every Table 8 row: all eight columns; Base is Table 1/2's baseline where both have the network
+            row = PAPER_TOP1[(d, a, 'distill')]
+            assert list(row) == list(kd) and row['student'] < row['kd'] < row['cds+kd'] and max(row.values()) == row['cds+kd'], (d, a)
+            if (d, a) in tables: assert row['student'] == tables[(d, a)][0], (d, a)
     for setting, numbers in tables.items():
         assert [paper_top1(*setting, method=k) for k in m] == list(numbers), setting
     assert paper_top1('cub', 'resnet50', method='cds') is None  # the fine-grained tables need the setting

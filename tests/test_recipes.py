@@ -71,8 +71,8 @@ FAST = [p.stem for p in RECIPES] + [  # bf16 autocast on the CPU, a baseline, fa
     'cifar --fp16 --channels-last --method dsn --schedule one-cycle --no-in-memory --no-bar']
 SLOW = ['finegrained --no-pretrained --method dhm'] + [  # Table 5 (from scratch)
     f'cifar --method {m}' for m in ('base', 'dks', 'dhm', 'cds-simclr')] + [
-    'cifar --no-cifar-stem', 'cifar --cutout 0 --seed 1', 'cifar --arch resnet34 --fp16',
-    'finegrained --no-pretrained --fp16 --channels-last', 'finegrained --method base --arch resnet18', 'imagenet --reference-stem --method dks']
+    'cifar --cutout 0 --seed 1', 'cifar --arch mobilenetv2 --fp16',
+    'finegrained --no-pretrained --fp16 --channels-last', 'finegrained --method base --arch resnet18', 'imagenet --no-reference-stem --method dks']
 JOBS = {k: (ROOT/'recipes'/f"{k.split()[0]}.py", ['--smoke', *k.split()[1:]]) for k in FAST + SLOW}
 DEFAULT_EXPORT = 'quickstart'  # the job that leaves --export to its default
 
