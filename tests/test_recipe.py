@@ -4,7 +4,11 @@ architecture name, the fine-grained layouts, the smoke folder, result tables and
 (`RecipeRun`, `recipe_options`) and the CLI layer (one line for an error a user can fix, a traceback for a bug)."""
 import inspect
 import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from urllib.error import URLError
 
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.data.external import URLs
+from fastai.torch_core import default_device
 from fastcore.docments import docments
 from fastcore.script import CliError
 from PIL import Image
@@ -252,7 +257,7 @@ def example_recipe(**options):
 
 def test_recipe_options_signature_and_help():
     "The recipe's own option first, then every option of `RecipeRun` with its docments as help; `but` drops some, defaults change"
-    shared = {k: v for k, v in docments(RecipeRun, full=True).items() if k not in ('self', 'name', 'return')}
+    shared = {k: v for k, v in docments(RecipeRun, full=True).items() if k not in ('self', 'name', 'command', 'return')}
     main = example_recipe()
     help_ = docments(main, full=True, eval_str=True)
     assert list(inspect.signature(main).parameters) == ['lr', *shared]
@@ -318,3 +323,108 @@ def test_recipe_run_export(tmp_path, monkeypatch, capsys):
     RecipeRun('third', export=str(tmp_path/'sub'/'m.pkl')).finish(learn, 'student')
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*.pkl')) == ['example.pkl', 'sub/m.pkl']
     assert 'exported the student to' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the run's identity in its checkpoint
+def identity_recipe():
+    "A recipe with the options that define a run (method, label fraction, epochs) and a tiny fit under the shared options"
+    @recipe_options()
+    def main(
+        method:str='cds', # the method
+        label_fraction:float=0.1, # labelled fraction
+        epochs:int=1, # epochs
+        **kwargs):
+        "A recipe whose checkpoint must only resume its own run"
+        run = RecipeRun('example', **kwargs)
+        learn = run.learner(tiny_learner(small_dls(n_train=16, n_valid=8)))
+        with run.training(learn), learn.no_logging(): learn.fit(epochs)
+        return learn
+    return main
+
+
+@pytest.mark.parametrize('changed,said', [
+    (dict(method='cds-simclr'), "method: 'cds' in the file, 'cds-simclr' in this run"),
+    (dict(method='semi'), "method: 'cds' in the file, 'semi' in this run"),
+    (dict(label_fraction=0.2), "label_fraction: 0.1 in the file, 0.2 in this run"),
+    (dict(epochs=2, seed=1), "epochs: 1 in the file, 2 in this run; seed: 0 in the file, 1 in this run")])
+def test_resume_refuses_another_runs_checkpoint(tmp_path, changed, said, capsys):
+    "--resume under another setting: one line naming each differing setting, before anything loads; the file untouched"
+    main, ck = identity_recipe(), tmp_path/'ck.pth'
+    main(checkpoint=str(ck), checkpoint_every=1, bar=False)
+    saved = ck.read_bytes()
+    assert torch.load(ck, weights_only=False)['run'] == {  # what defines the run: no file, display or speed option
+        'recipe': 'example', 'method': 'cds', 'label_fraction': 0.1, 'epochs': 1, 'pretrained': False, 'wd': 1e-2, 'seed': 0,
+        'fp16': False, 'sync_bn': False, 'cross_rank': False, 'smoke': False, 'processes': 1}
+    with pytest.raises(CliError) as e: main(checkpoint=str(ck), resume=True, **changed)
+    msg = str(e.value)
+    assert msg.startswith(f'{ck} was saved by another run') and msg.endswith(said) and '\n' not in msg, msg
+    assert ck.read_bytes() == saved
+
+
+def test_resume_with_the_same_settings(tmp_path):
+    "The same run resumes (a display, file or speed option may differ): its epoch is not trained again"
+    main, ck = identity_recipe(), tmp_path/'ck.pth'
+    first = main(checkpoint=str(ck), checkpoint_every=1)
+    w = {k: v.clone() for k, v in first.model.state_dict().items()}
+    again = main(checkpoint=str(ck), resume=True, bar=False, workers=0, export='', channels_last=True, finite_check=False)
+    assert all(torch.equal(v, w[k]) for k, v in again.model.state_dict().items())  # loaded, the epoch done skipped
+
+
+# ---------------------------------------------------------------- the finite check, the launch line, CPU threads
+def test_recipe_learner_finite_check():
+    names = lambda run: [type(cb).__name__ for cb in run.learner(tiny_learner(small_dls())).cbs]
+    assert names(RecipeRun('example')).count('FiniteLossCallback') == 1
+    assert 'FiniteLossCallback' not in names(RecipeRun('example', finite_check=False))
+    main = example_recipe()
+    assert inspect.signature(main).parameters['finite_check'].default is True and 'command' not in inspect.signature(main).parameters
+
+
+def test_launch_line_and_threads(capsys, monkeypatch):
+    "Every run says where it runs; --threads sets torch's threads; the wait policy is said as it applies"
+    n, where = torch.get_num_threads(), 'cpu: 2 CPU threads (--threads; ' if default_device().type == 'cpu' else ''
+    try:
+        RecipeRun('example', threads=2)
+        assert torch.get_num_threads() == 2
+        assert capsys.readouterr().out.splitlines()[0].startswith('1 process on ' + where)
+        monkeypatch.setattr(recipe, '_WAIT_POLICY', None)  # torch imported before fastai_cds.recipe, no policy in the environment
+        assert 'idle threads spin-wait' in recipe.cpu_threads(2)[1]
+        monkeypatch.setattr(recipe, '_WAIT_POLICY', 'PASSIVE')
+        assert recipe.cpu_threads(2)[1] == '--threads; idle threads sleep: OMP_WAIT_POLICY=PASSIVE'
+        if where: assert recipe.launch_line(1, recipe.cpu_threads(1)) == '1 process on cpu: 1 CPU thread (--threads)'
+        with pytest.raises(CliError, match='--threads 0: pass 1 or more'): identity_recipe()(threads=0)
+    finally: torch.set_num_threads(n)
+
+
+CHILD = textwrap.dedent("""
+    import os, sys
+    sys.modules['timm'] = None; sys.modules['accelerate'] = None  # the optional dependencies missing
+    from fastai_cds.recipe import RecipeRun, recipe_options  # first, as the recipes import it: before torch
+    from fastai_cds.architectures import cifar_model
+    from fastcore.script import CliError
+
+    @recipe_options()
+    def main(arch:str='senet18', **kwargs):
+        RecipeRun('example', **kwargs)
+        cifar_model(arch)
+    for world in ('1', '2'):  # one process; then a distributed launch's environment
+        os.environ.update(WORLD_SIZE=world, RANK='0')
+        try: main()
+        except CliError as e: print('one line:', e)
+""")
+
+
+def test_missing_extras_one_line_and_the_wait_policy_applies():
+    "fastai_cds.recipe imported first: torch's OpenMP runtime takes PASSIVE (no spinning); timm or accelerate missing: one line, the extra"
+    env = {k: v for k, v in os.environ.items() if k not in ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS', 'WORLD_SIZE', 'RANK')}
+    r = subprocess.run([sys.executable, '-c', CHILD], capture_output=True, text=True, timeout=300,
+                       env={**env, 'OMP_DISPLAY_ENV': 'VERBOSE', 'PYTHONWARNINGS': 'ignore'})  # the runtime prints its settings
+    assert r.returncode == 0, r.stderr[-3000:]
+    spin = re.findall(r"GOMP_SPINCOUNT = '(\d+)'", r.stderr)
+    assert spin and set(spin) == {'0'}, r.stderr[-2000:]  # libgomp's OMP_WAIT_POLICY=PASSIVE: no spinning (unset: 300000)
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith('1 process on ') and ('OMP_WAIT_POLICY=PASSIVE' in lines[0] or ' 1 CPU thread ' in lines[0]
+                                                      or 'cpu' not in lines[0]), lines  # one thread: no policy to say
+    said = [l for l in lines if l.startswith('one line:')]
+    assert len(said) == 2, r.stdout
+    assert 'timm\'s seresnet18, which needs timm: pip install "fastai_cds[timm]"' in said[0]
+    assert "pip install 'fastai_cds[distributed]'" in said[1] and 'accelerate' in said[1]
