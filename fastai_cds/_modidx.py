@@ -530,6 +530,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'fastai_cds.recipe.EpochLog.before_fit': ('recipe.html#epochlog.before_fit', 'fastai_cds/recipe.py'),
                                    'fastai_cds.recipe.RecipeRun': ('recipe.html#reciperun', 'fastai_cds/recipe.py'),
                                    'fastai_cds.recipe.RecipeRun.__init__': ('recipe.html#reciperun.__init__', 'fastai_cds/recipe.py'),
+                                   'fastai_cds.recipe.RecipeRun._check_resume': ( 'recipe.html#reciperun._check_resume',
+                                                                                  'fastai_cds/recipe.py'),
                                    'fastai_cds.recipe.RecipeRun.data_path': ('recipe.html#reciperun.data_path', 'fastai_cds/recipe.py'),
                                    'fastai_cds.recipe.RecipeRun.finish': ('recipe.html#reciperun.finish', 'fastai_cds/recipe.py'),
                                    'fastai_cds.recipe.RecipeRun.learner': ('recipe.html#reciperun.learner', 'fastai_cds/recipe.py'),

@@ -41,7 +41,7 @@ from .metrics import ece
 from .architectures import small_cnn, get_arch
 from .parallel import init_distributed, distributed, rank0_then_others, rank0_print
 from .callback import ScopedCallback
-from .resume import checkpointing
+from .resume import CheckpointCallback, checkpointing
 from .core import FiniteLossCallback
 
 # %% auto #0
@@ -372,8 +372,15 @@ class RecipeRun:
         if smoke: self.workers, self.path = 0, None  # digits, in the main process
         self.rank, self.n_procs = init_distributed()  # launched on N processes (torchrun, accelerate launch): join them
         rank0_print(launch_line(self.n_procs, cpu_threads(threads)))
+        if resume: self._check_resume()
         set_seed(seed)
         self.rows, self.start = [], None
+
+    def _check_resume(self):
+        "--resume: every checkpoint of the run that exists (--checkpoint; FILE.<learner>.pth for several learners) is this run's"
+        f = Path(self.checkpoint)
+        for ck in [f, *sorted(f.parent.glob(f'{f.stem}.*{f.suffix}'))]:
+            if ck.is_file(): CheckpointCallback(ck, resume=True, run=self.settings)  # refuses another run's, before the data loads
 
     def data_path(self, dataset:str, valid:str='valid', smoke_size:int=40)->Path:
         "The folder of `dataset`: --path or fastai's download; under --smoke, digits of `smoke_size` px written on the spot"

@@ -7,7 +7,7 @@ Few launches, each checked for several properties (every launch imports torch an
 * `test_semisup_kill_and_resume`: the semi-supervised recipe launched three times: uninterrupted, SIGKILLed after an
   epoch, resumed (the uninterrupted launch is also the recipe's export check);
 * `test_readme_launch`: the README's launch commands as written, `torchrun --nproc_per_node 2 recipes/<recipe>.py --smoke`
-  for every recipe (slow) and `accelerate launch --multi_gpu --num_processes 2 recipes/quickstart.py --smoke` (on CPUs:
+  for every recipe (slow) and `accelerate launch --multi_gpu --num_processes 2 recipes/cifar.py --smoke` (on CPUs:
   accelerate's `--cpu` takes its one-process launcher), each saying "2 processes" once and exporting where a smoke run
   does by default (rank 0's temporary folder, read by every process, removed at the end).
 BatchNorm running statistics are not compared across ranks: each rank updates them with its own batch, by design.
@@ -264,7 +264,7 @@ BIN = Path(sys.executable).parent  # torchrun and accelerate, installed beside t
 README_LAUNCHES = {  # the commands as the README writes them, run as written from the repository root
     **{r: f'torchrun --nproc_per_node 2 recipes/{r}.py --smoke' for r in ('quickstart', 'semisup', 'cifar', 'imagenet', 'distill',
                                                                             'finegrained')},
-    'accelerate': 'accelerate launch --multi_gpu --num_processes 2 recipes/quickstart.py --smoke',  # on CPUs too: torch's launcher, gloo
+    'accelerate': 'accelerate launch --multi_gpu --num_processes 2 recipes/cifar.py --smoke',  # on CPUs too: torch's launcher, gloo
 }
 FAST_LAUNCHES = ('accelerate',)  # CI's time: one launch; `-m slow` runs every recipe
 
