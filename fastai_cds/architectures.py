@@ -152,7 +152,7 @@ def _timm(name:str)->Callable:
     def build(n_out:int)->nn.Module:
         try: import timm
         except ImportError:
-            raise ModuleNotFoundError(f"This architecture is timm's {name}, which needs timm: pip install timm", name='timm') from None
+            raise ModuleNotFoundError(f"This architecture is timm's {name}, which needs timm: pip install \"fastai_cds[timm]\" (or: pip install timm)", name='timm') from None
         return timm.create_model(name, num_classes=n_out)
     return build
 

@@ -4,11 +4,13 @@
 
 # %% ../nbs/23_recipe.ipynb #3bbf531e
 from __future__ import annotations
-import argparse, atexit, inspect, re, shutil, tempfile, time, traceback, warnings
+import argparse, atexit, inspect, os, re, shutil, sys, tempfile, time, traceback, warnings
 from contextlib import contextmanager
 from functools import partial, wraps
 from pathlib import Path
 from typing import Annotated, Callable, get_type_hints
+_WAIT_POLICY = os.environ.get('OMP_WAIT_POLICY') or (None if 'torch' in sys.modules else 'PASSIVE')  # see `cpu_threads`
+if _WAIT_POLICY: os.environ['OMP_WAIT_POLICY'] = _WAIT_POLICY  # read once, when torch loads its OpenMP runtime: before `import torch`
 import pandas as pd
 import torch
 from scipy.io import loadmat
@@ -24,7 +26,7 @@ from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy, top_k_accuracy
 from fastai.optimizer import SGD
-from fastai.torch_core import distrib_barrier, rank_distrib, set_seed
+from fastai.torch_core import default_device, distrib_barrier, rank_distrib, set_seed
 from fastai.vision.augment import Resize, aug_transforms
 from fastai.vision.core import PILImage
 from fastai.vision.data import ImageDataLoaders, imagenet_stats
@@ -39,13 +41,14 @@ from .metrics import ece
 from .architectures import small_cnn, get_arch
 from .parallel import init_distributed, distributed, rank0_then_others, rank0_print
 from .callback import ScopedCallback
-from .resume import checkpointing
+from .resume import CheckpointCallback, checkpointing
+from .core import FiniteLossCallback
 
 # %% auto #0
-__all__ = ['PAPER_TOP1', 'FOLDER_LAYOUTS', 'DATASETS', 'Switch', 'FIXABLE', 'paper_top1', 'url_of', 'dataset_path', 'folder_dls',
-           'labelled_data', 'arch_learner', 'reference_learner', 'speedups', 'split_table', 'smoke_folder',
-           'shared_temp_folder', 'result_row', 'print_table', 'export_and_check', 'EpochLog', 'RecipeRun', 'user_error',
-           'recipe_options']
+__all__ = ['PAPER_TOP1', 'FOLDER_LAYOUTS', 'DATASETS', 'NOT_RUN', 'Switch', 'FIXABLE', 'paper_top1', 'url_of', 'dataset_path',
+           'folder_dls', 'labelled_data', 'arch_learner', 'reference_learner', 'speedups', 'split_table',
+           'smoke_folder', 'shared_temp_folder', 'result_row', 'print_table', 'export_and_check', 'EpochLog',
+           'run_settings', 'cpu_threads', 'launch_line', 'RecipeRun', 'user_error', 'recipe_options']
 
 # %% ../nbs/23_recipe.ipynb #34601bc3
 _M = ('base', 'dsn', 'dks', 'dhm', 'cds')  # Tables 1-3, 5, 6
@@ -332,6 +335,41 @@ class EpochLog(ScopedCallback):
         cells = [f'{v:.6f}' if isinstance(v, float) else str(v) for v in row]
         print(''.join(c.ljust(w) for c,w in zip(cells, self.widths)).rstrip(), flush=True)
 
+# %% ../nbs/23_recipe.ipynb #8d356377
+NOT_RUN = frozenset({'name', 'checkpoint', 'checkpoint_every', 'resume', 'export', 'save_teacher', 'path', 'workers', 'bar', 'threads',
+                     'finite_check', 'compile', 'channels_last'})  # options that change where files go or how fast, not what is computed
+
+def run_settings(recipe:str, args:dict)->dict:
+    "What defines a run of `recipe` (its checkpoint's identity, checked on --resume): `args` but `NOT_RUN`, paths as text"
+    return {'recipe': recipe, **{k: str(v) if isinstance(v, Path) else v for k,v in args.items() if k not in NOT_RUN}}
+
+# %% ../nbs/23_recipe.ipynb #08e4a580
+def cpu_threads(threads:int|None=None)->tuple[int, str]:
+    "Set torch's CPU threads to `threads` (None: leave torch's): (threads of this process, why that many, in words)"
+    if threads is not None:
+        if threads < 1: raise ValueError(f"--threads {threads}: pass 1 or more")
+        torch.set_num_threads(threads)
+    n, env = torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS')
+    why = '--threads' if threads is not None else f'OMP_NUM_THREADS={env}' if env else "torch's default: one per core"
+    if n == 1: return n, why
+    if _WAIT_POLICY is None:
+        return n, why + ("; idle threads spin-wait (torch was imported before fastai_cds.recipe): on a busy machine pass --threads 1 "
+                         "or set OMP_WAIT_POLICY=PASSIVE before starting Python")
+    passive = _WAIT_POLICY.upper() == 'PASSIVE'
+    return n, why + ('; idle threads sleep: OMP_WAIT_POLICY=PASSIVE' if passive else f'; OMP_WAIT_POLICY={_WAIT_POLICY}')
+
+def launch_line(n_procs:int=1, threads:tuple[int, str]|None=None)->str:
+    "'N processes on <devices>' (every process's device, gathered in a distributed run) and, on CPUs, `threads` (`cpu_threads`)"
+    d = default_device()
+    devices = [f'cuda:{torch.cuda.current_device()}' if d.type == 'cuda' else str(d)]
+    if n_procs > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        devices = [None]*n_procs
+        torch.distributed.all_gather_object(devices, f'cuda:{torch.cuda.current_device()}' if d.type == 'cuda' else str(d))
+    line = f"{n_procs} process{'es' if n_procs > 1 else ''} on {', '.join(dict.fromkeys(devices))}"
+    if 'cpu' not in devices or threads is None: return line
+    n, why = threads
+    return f"{line}: {n} CPU thread{'s' if n > 1 else ''}{' each' if n_procs > 1 else ''} ({why})"
+
 # %% ../nbs/23_recipe.ipynb #3d1cb5c4
 Switch = Annotated[bool, {'action': argparse.BooleanOptionalAction}]  # an option with both --flag and --no-flag, whatever its default
 
@@ -355,20 +393,33 @@ class RecipeRun:
         export:str=None, # where to export the plain Learner (no fastai_cds needed); default ./<recipe>.pkl, --smoke: a temp one; '': none
         smoke:bool=False, # a tiny run of the whole code path on digits: no download, 1 epoch, export included, nothing left behind
         bar:Switch=True, # fastai's progress bars (--no-bar: one plain line per epoch, for logs)
+        threads:int=None, # CPU threads of each process (torch.set_num_threads); default torch's (one per core), idle ones sleeping
+        finite_check:Switch=True, # stop at the first NaN or infinite input or loss, before its step (--no-finite-check: train on)
+        command:dict|None=None, # every argument of the recipe's command (`recipe_options` passes it): what defines the run
     ):
-        store_attr()
+        store_attr(but='command')
+        self.settings = run_settings(name, {**vars(self), **(command or {})})  # the checkpoint's identity (the world size: its own)
         if smoke: self.workers, self.path = 0, None  # digits, in the main process
         self.rank, self.n_procs = init_distributed()  # launched on N processes (torchrun, accelerate launch): join them
+        rank0_print(launch_line(self.n_procs, cpu_threads(threads)))
+        if resume: self._check_resume()
         set_seed(seed)
         self.rows, self.start = [], None
+
+    def _check_resume(self):
+        "--resume: every checkpoint of the run that exists (--checkpoint; FILE.<learner>.pth for several learners) is this run's"
+        f = Path(self.checkpoint)
+        for ck in [f, *sorted(f.parent.glob(f'{f.stem}.*{f.suffix}'))]:
+            if ck.is_file(): CheckpointCallback(ck, resume=True, run=self.settings)  # refuses another run's, before the data loads
 
     def data_path(self, dataset:str, valid:str='valid', smoke_size:int=40)->Path:
         "The folder of `dataset`: --path or fastai's download; under --smoke, digits of `smoke_size` px written on the spot"
         return smoke_folder(smoke_size, valid) if self.smoke else dataset_path(dataset, self.path)
 
     def learner(self, learn:Learner, tag:str='', first:bool=True)->Learner:
-        "`learn` with the checkpoints (`checkpointing(tag, first)`), speed-ups and progress display of the options"
-        learn.add_cbs(checkpointing(self.checkpoint, self.checkpoint_every, self.resume, tag=tag, first=first))
+        "`learn` with the checkpoints (`checkpointing(tag, first)`, the run's `settings`), the finite check, speed-ups and progress display"
+        learn.add_cbs(checkpointing(self.checkpoint, self.checkpoint_every, self.resume, tag=tag, first=first, run=self.settings))
+        if self.finite_check: learn.add_cb(FiniteLossCallback())
         if not self.bar: learn.remove_cb(ProgressCallback).add_cb(EpochLog())
         return speedups(learn, self.fp16, self.channels_last, self.compile)
 
@@ -394,7 +445,7 @@ class RecipeRun:
         export_and_check(learn, fname, what)
 
 # %% ../nbs/23_recipe.ipynb #093e8428
-FIXABLE = (ValueError, FileNotFoundError, ConnectionError)  # the errors our checks raise for a user to fix
+FIXABLE = (ValueError, FileNotFoundError, ConnectionError, ModuleNotFoundError)  # our checks' errors for a user to fix (the last: an extra)
 _PACKAGE = Path(inspect.getfile(checkpointing)).resolve().parent  # fastai_cds/
 
 def _fastai_prefix(msg:str)->str:
@@ -419,13 +470,13 @@ def recipe_options(
         def main(*args, **kwargs):
             values = inspect.signature(main).bind(*args, **kwargs)
             values.apply_defaults()
-            try: return f(**values.arguments)
+            try: return f(**values.arguments, command=dict(values.arguments))  # `RecipeRun`'s identity of the run
             except FIXABLE as e:
                 if (msg := user_error(e, (str(Path(f.__code__.co_filename).resolve()),))) is None: raise
                 if rank_distrib(): raise SystemExit(1) from None  # rank 0 says it
                 raise CliError(msg) from e
         main.__annotations__ = dict(f.__annotations__)  # its own: `delegates` adds to it
-        delegates(RecipeRun, but=but.split())(main)
+        delegates(RecipeRun, but=[*but.split(), 'command'])(main)
         sig, own = inspect.signature(main), inspect.signature(f).parameters
         if (unknown := set(defaults) - set(sig.parameters)):
             raise TypeError(f"recipe_options: no shared option {', '.join(sorted(unknown))}")

@@ -54,13 +54,13 @@ class CheckpointCallback(ScopedCallback, SkipToEpoch):
     ):
         if not (isinstance(every, int) and every >= 0): raise ValueError(f"CheckpointCallback: every must be an int >= 0, got {every!r}")
         self.fname, self.every, self.resume = Path(fname), every, resume
-        self.run = {**(run or {}), 'processes': max(1, num_distrib())}
+        self.settings = {**(run or {}), 'processes': max(1, num_distrib())}  # not `self.run`: fastai's flag, set to True after a fit
         if every: _writable(self.fname)
         if resume:
             if not self.fname.is_file():
                 raise FileNotFoundError(f"resume: no checkpoint at {self.fname}: start the run without resuming (with --checkpoint-every N "
                                         "it writes one)")
-            diff = _run_differences(_read_checkpoint(self.fname, map_location='cpu', mmap=True).get('run'), self.run)
+            diff = _run_differences(_read_checkpoint(self.fname, map_location='cpu', mmap=True).get('run'), self.settings)
             if diff: raise ValueError(f"{self.fname} was saved by another run; resume it with the same settings, or start without "
                                       f"resuming (or with another --checkpoint): {'; '.join(diff)}")
         super().__init__(0)
@@ -107,8 +107,8 @@ class CheckpointCallback(ScopedCallback, SkipToEpoch):
     def save(self):
         "Write the state of training to `fname` (rank 0; every rank waits for it)"
         if not rank_distrib():
-            state = dict(run=self.run, model=get_model(self.learn.model).state_dict(), opt=self.learn.opt.state_dict(), fit=self.fit_idx,
-                         epoch=self.epoch, n_epoch=self.n_epoch, train_iter=self.train_iter, records=self.records,
+            state = dict(run=self.settings, model=get_model(self.learn.model).state_dict(), opt=self.learn.opt.state_dict(),
+                         fit=self.fit_idx, epoch=self.epoch, n_epoch=self.n_epoch, train_iter=self.train_iter, records=self.records,
                          metric_names=list(self.recorder.metric_names),
                          steps=dict(lrs=list(self.recorder.lrs), iters=list(self.recorder.iters), losses=list(self.recorder.losses)))
             bm = getattr(self.learn, 'best_metrics', None)

@@ -18,10 +18,10 @@ What still differs from the reference, and the flags that depart further from it
 """
 import warnings
 warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # torch.jit.script, used by fastai at import
+from fastai_cds.recipe import *  # before torch: it lets idle CPU threads sleep (OMP_WAIT_POLICY)
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from fastai_cds.recipe import *
 
 @call_parse
 @recipe_options(but='pretrained', wd=5e-4)

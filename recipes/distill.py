@@ -35,10 +35,10 @@ Adam with one-cycle over 30 epochs, batch 32, view 2 without flip (digits are no
 """
 import warnings
 warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # torch.jit.script, used by fastai at import
+from fastai_cds.recipe import *  # before torch: it lets idle CPU threads sleep (OMP_WAIT_POLICY)
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from fastai_cds.recipe import *
 import fastai_cds.architectures as architectures
 from fastai_cds.architectures import CIFAR_ARCHS
 from fastai_cds.embedding_distill import DISTILL_METHODS

@@ -19,10 +19,10 @@ independently of view 1. The result table prints the paper's number for the data
 """
 import warnings
 warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # torch.jit.script, used by fastai at import
+from fastai_cds.recipe import *  # before torch: it lets idle CPU threads sleep (OMP_WAIT_POLICY)
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from fastai_cds.recipe import *
 
 @call_parse
 @recipe_options(pretrained=True)

@@ -20,10 +20,10 @@ What still differs from the reference: recipes/README.md.
 """
 import warnings
 warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # torch.jit.script, used by fastai at import
+from fastai_cds.recipe import *  # before torch: it lets idle CPU threads sleep (OMP_WAIT_POLICY)
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from fastai_cds.recipe import *
 import fastai_cds.architectures as architectures
 
 @call_parse

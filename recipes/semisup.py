@@ -24,10 +24,10 @@ one-cycle over 30 epochs, batch 32, view 2 without flip (digits are not mirror-s
 """
 import warnings
 warnings.filterwarnings('ignore', category=FutureWarning, module='torch')  # torch.jit.script, used by fastai at import
+from fastai_cds.recipe import *  # before torch: it lets idle CPU threads sleep (OMP_WAIT_POLICY)
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-from fastai_cds.recipe import *
 
 @call_parse
 @recipe_options(wd=None)

@@ -151,7 +151,8 @@ def test_cifar_model_unknown_names():
 
 def test_timm_networks_without_timm_name_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, 'timm', None)  # not installed
-    with pytest.raises(ModuleNotFoundError, match=r"timm's seresnet18, which needs timm: pip install timm"): cifar_model('senet18')
+    with pytest.raises(ModuleNotFoundError, match=r"timm's seresnet18, which needs timm: pip install \"fastai_cds\[timm\]\""):
+        cifar_model('senet18')
     assert isinstance(cifar_model('shufflenetv1', 3), nn.Sequential)  # the others need torchvision only
 
 

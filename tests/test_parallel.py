@@ -4,11 +4,12 @@ Few launches, each checked for several properties (every launch imports torch an
 * `ranks`: one launch of `CHILD` (2 processes started as torchrun would) for the cross-rank loss and gradients against
   one process on the concatenated batch, identical parameters after steps on different data with a last batch of one
   image, and the sharded unlabelled stream;
-* `test_cifar_smoke_launch` (slow, for CI's time): `torchrun --nproc_per_node 2 recipes/cifar.py --smoke`, exporting
-  where a smoke run does by default (one temporary folder, rank 0's, removed at the end);
 * `test_semisup_kill_and_resume`: the semi-supervised recipe launched three times: uninterrupted, SIGKILLed after an
   epoch, resumed (the uninterrupted launch is also the recipe's export check);
-* `test_distill_smoke_launch` (slow): `torchrun --nproc_per_node 2 recipes/distill.py --smoke`.
+* `test_readme_launch`: the README's launch commands as written, `torchrun --nproc_per_node 2 recipes/<recipe>.py --smoke`
+  for every recipe (slow) and `accelerate launch --multi_gpu --num_processes 2 recipes/cifar.py --smoke` (on CPUs:
+  accelerate's `--cpu` takes its one-process launcher), each saying "2 processes" once and exporting where a smoke run
+  does by default (rank 0's temporary folder, read by every process, removed at the end).
 BatchNorm running statistics are not compared across ranks: each rank updates them with its own batch, by design.
 """
 import importlib.util
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -227,25 +229,6 @@ def check_launch(out:str, rc:int, export:Path, tmpdir:Path|None=None):
     if tmpdir is not None: assert not [p.name for p in tmpdir.iterdir() if p.name.startswith('cds_')], "temporary folders left behind"
 
 
-@pytest.mark.slow  # CI's time: the launch of a recipe; `ranks` above is the fast check of the same engine
-def test_cifar_smoke_launch(tmp_path):
-    "The smoke run's default export: in rank 0's temporary folder, which every process reads, removed at the end with the smoke data"
-    (tmpdir := tmp_path/'tmp').mkdir()
-    p = torchrun('cifar.py', '--smoke', tmpdir=tmpdir)
-    out = finish(p)
-    assert p.returncode == 0 and out.count(TABLE) == 1, out[-4000:]
-    said = re.findall(r'exported the model to (\S+\.pkl): a plain ResNet', out)
-    assert len(said) == 1 and Path(said[0]).is_relative_to(tmpdir), out[-4000:]
-    assert not [p.name for p in tmpdir.iterdir() if p.name.startswith('cds_')], "temporary folders left behind"
-
-
-@pytest.mark.slow
-def test_distill_smoke_launch(tmp_path):
-    (tmpdir := tmp_path/'tmp').mkdir()
-    p = torchrun('distill.py', '--smoke', '--export', tmp_path/'student.pkl', tmpdir=tmpdir)
-    check_launch(finish(p), p.returncode, tmp_path/'student.pkl', tmpdir)
-
-
 @pytest.mark.slow  # three launches of 2 processes, ~2-3 min: run with `pytest -m slow tests/test_parallel.py`
 def test_semisup_kill_and_resume(tmp_path):
     "Killed (SIGKILL) after an epoch and resumed: the steps and learning rates of an uninterrupted run, the best over every epoch"
@@ -274,6 +257,51 @@ def test_semisup_kill_and_resume(tmp_path):
     assert len(rows) == 5 and rows[:kept['epoch'] + 1] == kept['records'][0]  # the epochs before the kill, as recorded
     acc = r['metric_names'].index('accuracy') - 1  # the rows have no 'epoch' column
     assert r['best']['value'] == max(row[acc] for row in rows)
+
+
+# ---------------------------------------------------------------------------------------------- the README's launch commands
+BIN = Path(sys.executable).parent  # torchrun and accelerate, installed beside this Python
+README_LAUNCHES = {  # the commands as the README writes them, run as written from the repository root
+    **{r: f'torchrun --nproc_per_node 2 recipes/{r}.py --smoke' for r in ('quickstart', 'semisup', 'cifar', 'imagenet', 'distill',
+                                                                            'finegrained')},
+    'accelerate': 'accelerate launch --multi_gpu --num_processes 2 recipes/cifar.py --smoke',  # on CPUs too: torch's launcher, gloo
+}
+FAST_LAUNCHES = ('accelerate',)  # CI's time: one launch; `-m slow` runs every recipe
+
+
+def keep_exports(tmpdir:Path, dest:Path, stop:threading.Event):
+    "Hard-link every export a smoke run writes in its temporary folder (`cds_run_*`) into `dest` before the folder is removed"
+    while not stop.is_set():
+        for f in tmpdir.glob('cds_run_*/*.pkl'):
+            if not (dest/f.name).exists():
+                try: os.link(f, dest/f.name)  # the same file, complete once written, kept when the run removes its folder
+                except OSError: pass
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize('launch', [k if k in FAST_LAUNCHES else pytest.param(k, marks=pytest.mark.slow) for k in README_LAUNCHES])
+def test_readme_launch(launch, tmp_path):
+    "The README's command: '2 processes' said once, one table, one export (in the smoke run's temporary folder) loading without fastai_cds"
+    (tmpdir := tmp_path/'tmp').mkdir(); (kept := tmp_path/'kept').mkdir()
+    cmd = README_LAUNCHES[launch].split()
+    env = {**ENV, 'TMPDIR': str(tmpdir), 'PET_MASTER_PORT': str(free_port())}  # torchrun's --master_port (accelerate finds a free one)
+    env.pop('OMP_NUM_THREADS')  # as a user's shell: the launcher sets it
+    stop = threading.Event()
+    watcher = threading.Thread(target=keep_exports, args=(tmpdir, kept, stop), daemon=True)
+    watcher.start()
+    p = subprocess.Popen([str(BIN/cmd[0]), *cmd[1:]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    out = finish(p)
+    stop.set(); watcher.join()
+    assert p.returncode == 0, out[-4000:]
+    said = [l for l in out.splitlines() if re.match(r'\d+ process', l)]  # rank 0 says where it runs, once
+    assert len(said) == 1 and said[0].startswith('2 processes on ' + ('cuda:' if torch.cuda.is_available() else 'cpu')), out[-4000:]
+    assert out.count(TABLE) == 1, out[-4000:]  # rank 0 only
+    said = re.findall(r'exported the [\w ]+ to (\S+\.pkl): a plain', out)
+    assert len(said) == 1 and Path(said[0]).is_relative_to(tmpdir), out[-4000:]
+    assert [f.name for f in kept.iterdir()] == [Path(said[0]).name]
+    assert loads_without_fastai_cds(kept/Path(said[0]).name).startswith('[true'), 'the export needs fastai_cds'
+    assert not [f.name for f in tmpdir.iterdir() if f.name.startswith('cds_')], "temporary folders left behind"
 
 
 # ---------------------------------------------------------------------------------------------- one process

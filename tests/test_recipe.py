@@ -4,7 +4,11 @@ architecture name, the fine-grained layouts, the smoke folder, result tables and
 (`RecipeRun`, `recipe_options`) and the CLI layer (one line for an error a user can fix, a traceback for a bug)."""
 import inspect
 import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from urllib.error import URLError
 
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.data.external import URLs
+from fastai.torch_core import default_device
 from fastcore.docments import docments
 from fastcore.script import CliError
 from PIL import Image
@@ -21,6 +26,7 @@ import fastai_cds.recipe as recipe
 from fastai_cds.recipe import (RecipeRun, arch_learner, dataset_path, export_and_check, folder_dls, labelled_data, print_table,
                                recipe_options, result_row, smoke_folder, split_table, url_of)
 
+from fastai_cds.architectures import cifar_model
 from fastai_cds.views import Cutout
 from helpers import manual_valid, ours, small_dls, tiny_cnn, tiny_learner
 
@@ -274,7 +280,7 @@ def example_recipe(**options):
 
 def test_recipe_options_signature_and_help():
     "The recipe's own option first, then every option of `RecipeRun` with its docments as help; `but` drops some, defaults change"
-    shared = {k: v for k, v in docments(RecipeRun, full=True).items() if k not in ('self', 'name', 'return')}
+    shared = {k: v for k, v in docments(RecipeRun, full=True).items() if k not in ('self', 'name', 'command', 'return')}
     main = example_recipe()
     help_ = docments(main, full=True, eval_str=True)
     assert list(inspect.signature(main).parameters) == ['lr', *shared]
@@ -322,6 +328,7 @@ def test_cli_layer_before_training_only(event, one_line):
 def test_recipe_run_learner_and_no_bar(tmp_path, capsys):
     "`learner` adds the checkpoints (tagged), the speed-ups and, with --no-bar, one plain line per epoch"
     run = RecipeRun('example', checkpoint=str(tmp_path/'ck.pth'), checkpoint_every=1, channels_last=True, bar=False)
+    assert capsys.readouterr().out.startswith('1 process on ')  # where it runs: the first line of every run
     learn = run.learner(tiny_learner(small_dls()), tag='teacher')
     names = [type(cb).__name__ for cb in learn.cbs]
     assert 'ProgressCallback' not in names and {'EpochLog', 'CheckpointCallback', 'ChannelsLast'} <= set(names)
@@ -340,3 +347,139 @@ def test_recipe_run_export(tmp_path, monkeypatch, capsys):
     RecipeRun('third', export=str(tmp_path/'sub'/'m.pkl')).finish(learn, 'student')
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*.pkl')) == ['example.pkl', 'sub/m.pkl']
     assert 'exported the student to' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the run's identity in its checkpoint
+def identity_recipe(made:list|None=None):
+    "A recipe with the options that define a run (method, label fraction, epochs) and a tiny fit; `made` lists the data it made"
+    @recipe_options()
+    def main(
+        method:str='cds', # the method
+        label_fraction:float=0.1, # labelled fraction
+        epochs:int=1, # epochs
+        **kwargs):
+        "A recipe whose checkpoint must only resume its own run"
+        run = RecipeRun('example', **kwargs)
+        if made is not None: made.append('data')
+        learn = run.learner(tiny_learner(small_dls(n_train=16, n_valid=8)))
+        with run.training(learn), learn.no_logging(): learn.fit(epochs)
+        return learn
+    return main
+
+
+@pytest.mark.parametrize('changed,said', [
+    (dict(method='cds-simclr'), "method: 'cds' in the file, 'cds-simclr' in this run"),
+    (dict(method='semi'), "method: 'cds' in the file, 'semi' in this run"),
+    (dict(label_fraction=0.2), "label_fraction: 0.1 in the file, 0.2 in this run"),
+    (dict(epochs=2, seed=1), "epochs: 1 in the file, 2 in this run; seed: 0 in the file, 1 in this run")])
+def test_resume_refuses_another_runs_checkpoint(tmp_path, changed, said, capsys):
+    "--resume under another setting: one line naming each differing setting, before anything loads; the file untouched"
+    made, ck = [], tmp_path/'ck.pth'
+    main = identity_recipe(made)
+    main(checkpoint=str(ck), checkpoint_every=1, bar=False)
+    saved, made[:] = ck.read_bytes(), []
+    assert torch.load(ck, weights_only=False)['run'] == {  # what defines the run: no file, display or speed option
+        'recipe': 'example', 'method': 'cds', 'label_fraction': 0.1, 'epochs': 1, 'pretrained': False, 'wd': 1e-2, 'seed': 0,
+        'fp16': False, 'sync_bn': False, 'cross_rank': False, 'smoke': False, 'processes': 1}
+    with pytest.raises(CliError) as e: main(checkpoint=str(ck), resume=True, **changed)
+    msg = str(e.value)
+    assert msg.startswith(f'{ck} was saved by another run') and msg.endswith(said) and '\n' not in msg, msg
+    assert ck.read_bytes() == saved and made == []  # refused before the recipe made its data
+
+
+def test_resume_with_the_same_settings(tmp_path):
+    "The same run resumes (a display, file or speed option may differ): its epoch is not trained again"
+    main, ck = identity_recipe(), tmp_path/'ck.pth'
+    first = main(checkpoint=str(ck), checkpoint_every=1)
+    w = {k: v.clone() for k, v in first.model.state_dict().items()}
+    again = main(checkpoint=str(ck), resume=True, bar=False, workers=0, export='', channels_last=True, finite_check=False)
+    assert all(torch.equal(v, w[k]) for k, v in again.model.state_dict().items())  # loaded, the epoch done skipped
+
+
+# ---------------------------------------------------------------- the finite check, the launch line, CPU threads
+def test_recipe_learner_finite_check():
+    names = lambda run: [type(cb).__name__ for cb in run.learner(tiny_learner(small_dls())).cbs]
+    assert names(RecipeRun('example')).count('FiniteLossCallback') == 1
+    assert 'FiniteLossCallback' not in names(RecipeRun('example', finite_check=False))
+    main = example_recipe()
+    assert inspect.signature(main).parameters['finite_check'].default is True and 'command' not in inspect.signature(main).parameters
+
+
+def test_launch_line_and_threads(capsys, monkeypatch):
+    "Every run says where it runs; --threads sets torch's threads; the wait policy is said as it applies"
+    n, where = torch.get_num_threads(), 'cpu: 2 CPU threads (--threads; ' if default_device().type == 'cpu' else ''
+    try:
+        RecipeRun('example', threads=2)
+        assert torch.get_num_threads() == 2
+        assert capsys.readouterr().out.splitlines()[0].startswith('1 process on ' + where)
+        monkeypatch.setattr(recipe, '_WAIT_POLICY', None)  # torch imported before fastai_cds.recipe, no policy in the environment
+        assert 'idle threads spin-wait' in recipe.cpu_threads(2)[1]
+        monkeypatch.setattr(recipe, '_WAIT_POLICY', 'PASSIVE')
+        assert recipe.cpu_threads(2)[1] == '--threads; idle threads sleep: OMP_WAIT_POLICY=PASSIVE'
+        if where: assert recipe.launch_line(1, recipe.cpu_threads(1)) == '1 process on cpu: 1 CPU thread (--threads)'
+        with pytest.raises(CliError, match='--threads 0: pass 1 or more'): identity_recipe()(threads=0)
+    finally: torch.set_num_threads(n)
+
+
+
+def test_missing_extras_one_line(monkeypatch):
+    "timm or accelerate missing (their imports blocked): the recipe's CLI layer prints one line naming the extra to install"
+    @recipe_options()
+    def main(arch:str='senet18', **kwargs):
+        RecipeRun('example', **kwargs)
+        cifar_model(arch)
+    monkeypatch.setitem(sys.modules, 'timm', None)
+    with pytest.raises(CliError) as e: main()
+    assert str(e.value) == ('This architecture is timm\'s seresnet18, which needs timm: pip install "fastai_cds[timm]" '
+                            '(or: pip install timm)')
+    monkeypatch.setitem(sys.modules, 'accelerate', None)
+    monkeypatch.setenv('WORLD_SIZE', '2'); monkeypatch.setenv('RANK', '0')  # a distributed launch's environment
+    with pytest.raises(CliError) as e: main()
+    assert "pip install 'fastai_cds[distributed]'" in str(e.value) and '\n' not in str(e.value)
+
+
+TORCH_IMPORTS = re.compile(r'^(?:from|import) (torch|fastai|fastai_cds)\b(\S*)', re.M)
+
+def test_recipes_import_the_recipe_module_before_torch():
+    "Every recipe's first import of torch, fastai or fastai_cds is fastai_cds.recipe: its wait policy applies (see the next test)"
+    recipes = sorted((Path(__file__).resolve().parents[1]/'recipes').glob('*.py'))
+    assert len(recipes) >= 6
+    for r in recipes:
+        first = TORCH_IMPORTS.search(r.read_text())
+        assert first and first.group(1) + first.group(2) == 'fastai_cds.recipe', f"{r.name}: {first and first.group(0)} first"
+
+
+CHILD = textwrap.dedent("""
+    from fastai_cds.recipe import RecipeRun  # first, as the recipes import it: before torch
+    RecipeRun('example')
+""")
+
+
+@pytest.mark.slow  # a fresh process importing fastai (~10 s on a busy 2-core machine)
+def test_wait_policy_applies_in_torchs_runtime():
+    "fastai_cds.recipe imported first: torch's OpenMP runtime takes OMP_WAIT_POLICY=PASSIVE (it spins 0 times), and the run says so"
+    env = {k: v for k, v in os.environ.items() if k not in ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS')}
+    r = subprocess.run([sys.executable, '-c', CHILD], capture_output=True, text=True, timeout=300,
+                       env={**env, 'OMP_DISPLAY_ENV': 'VERBOSE', 'PYTHONWARNINGS': 'ignore'})  # the runtime prints its settings
+    assert r.returncode == 0, r.stderr[-3000:]
+    spin = re.findall(r"GOMP_SPINCOUNT = '(\d+)'", r.stderr)
+    assert spin and set(spin) == {'0'}, r.stderr[-2000:]  # libgomp: PASSIVE spins 0 times (no policy: 300000)
+    line = r.stdout.splitlines()[0]
+    assert line.startswith('1 process on ') and ('OMP_WAIT_POLICY=PASSIVE' in line or ' 1 CPU thread ' in line or 'cpu' not in line)
+
+
+
+@pytest.mark.slow  # two runs of a recipe in fresh processes; the in-process `identity_recipe` above is CI's check of the same path
+def test_a_recipe_refuses_to_resume_another_run(tmp_path):
+    "semisup.py --smoke saved, then resumed with another --method and --label-fraction: one line naming both, the file untouched"
+    recipe, ck = Path(__file__).resolve().parents[1]/'recipes'/'semisup.py', tmp_path/'ck.pth'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'TMPDIR': str(tmp_path)}
+    run = lambda *a: subprocess.run([sys.executable, str(recipe), '--smoke', '--checkpoint', str(ck), *a], capture_output=True, text=True,
+                                    timeout=600, env=env)
+    r = run('--checkpoint-every', '1', '--method', 'cds')
+    assert r.returncode == 0 and ck.is_file(), r.stderr[-3000:]
+    saved = ck.read_bytes()
+    r = run('--resume', '--method', 'semi', '--label-fraction', '0.2')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().endswith("label_fraction: 0.1 in the file, 0.2 in this run; method: 'cds' in the file, 'semi' in this run")
+    assert ck.read_bytes() == saved
