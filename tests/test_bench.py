@@ -150,6 +150,7 @@ def gpu_bench(*args):
     return script('gpu.py', *args, cwd=ROOT/'bench')
 
 
+@pytest.mark.slow  # CI's time: 30 s
 def test_gpu_bench_tiny_on_cpu():
     r = gpu_bench('--device', 'cpu', '--tiny')
     assert r.returncode == 0, r.stderr[-3000:]

@@ -38,7 +38,7 @@ MODELS = {'small CNN': (lambda: tiny_cnn(), dict()),
           'ResNet18': (lambda: torchvision.models.resnet18(num_classes=10), dict(n_channels=3, size=32))}
 
 
-@pytest.mark.parametrize('name', list(MODELS))
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n == 'ResNet18' else n for n in MODELS])  # ResNet18: 20 s
 def test_no_graph_break_and_no_recompilation_after_the_first_steps(name):
     "fullgraph=True: a graph break is an error; over 12 training steps and two epochs, the graphs of the first steps only"
     make, kw = MODELS[name]

@@ -266,7 +266,7 @@ README_LAUNCHES = {  # the commands as the README writes them, run as written fr
                                                                             'finegrained')},
     'accelerate': 'accelerate launch --multi_gpu --num_processes 2 recipes/cifar.py --smoke',  # on CPUs too: torch's launcher, gloo
 }
-FAST_LAUNCHES = ('accelerate',)  # CI's time: one launch; `-m slow` runs every recipe
+FAST_LAUNCHES = ()  # CI's time (a launch takes 30-60 s): `-m slow` runs every launch, the accelerate one included
 
 
 def keep_exports(tmpdir:Path, dest:Path, stop:threading.Event):

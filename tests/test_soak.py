@@ -28,6 +28,7 @@ def soak(*runs, timeout=1800):
     return res
 
 
+@pytest.mark.slow  # CI's time: 20 s
 def test_a_short_soak_passes_and_planted_leaks_fail():
     # 30 steps: across the end of the first epoch (22 steps), where the stage hooks are removed and registered again
     (_, ok), (rc_leak, leak) = soak(['--steps', 30, '--warmup', 10, '--bs', 16, '--label-fraction', 0.25],
