@@ -24,7 +24,7 @@ from .compile import compile_model, CompileCallback
 from .digits import digits_items, digits_stats, digits_dls
 from .tensor_data import TensorImages, TensorImageDL, tensor_dls, folder_tensor_dls
 from .metrics import calibration_bins, ece, ExpectedCalibrationError, plot_reliability, BestMetrics
-from .architectures import small_cnn, get_arch, cifar_stem, reference_stem, cifar_resnet
+from .architectures import small_cnn, get_arch, cifar_stem, reference_stem, cifar_resnet, cifar_model, shufflenet_v1
 from .schedule import step_schedule
 from .parallel import init_distributed, distributed
 from .resume import CheckpointCallback, checkpointing

@@ -19,7 +19,7 @@ from fastai.vision.augment import AffineCoordTfm, RandTransform, Flip, Resize, C
 from fastai.vision.core import imagenet_stats, show_image
 
 # %% auto #0
-__all__ = ['CIFAR_STATS', 'resized_crop_mat', 'RandomResizedCropBatch', 'PadCropFlip', 'hue_rotation_mat', 'RandomGrayscale',
+__all__ = ['CIFAR_STATS', 'resized_crop_mat', 'RandomResizedCropBatch', 'PadCropFlip', 'shift_hue', 'RandomGrayscale',
            'ColorJitterBatch', 'Cutout', 'simclr_tfms', 'PresizeItems', 'Views', 'reference_views', 'TwoViews',
            'view_pipelines', 'two_view_dl', 'show_views']
 
@@ -72,15 +72,16 @@ class PadCropFlip(RandTransform):
         return xp.gather(2, idx).view(n, c, h, w)
 
 # %% ../nbs/08_views.ipynb #5d9bcb17
-_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])  # RGB -> YIQ
-_YIQ_INV = torch.linalg.inv(_YIQ)
-
-def hue_rotation_mat(h:Tensor)->Tensor:
-    "RGB matrices (bs, 3, 3) turning the hue by `h` (bs,) fractions of a turn: a rotation of the I-Q plane of YIQ"
-    c, s = (2*math.pi*h).cos(), (2*math.pi*h).sin()
-    o, z = torch.ones_like(h), torch.zeros_like(h)
-    rot = torch.stack([o, z, z,  z, c, s,  z, -s, c], 1).view(-1, 3, 3)  # this sign turns red towards green, as HSV hue
-    return _YIQ_INV.to(h) @ rot @ _YIQ.to(h)
+def shift_hue(x:Tensor, h:Tensor)->Tensor:
+    "RGB images `x` (bs, 3, h, w) in [0, 1], each one's hue turned by its own `h` (bs,) turns in HSV, as torchvision's `adjust_hue`"
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    c = v - x.amin(1)  # chroma: HSV value x saturation
+    red, green = v == r, v == g
+    hue = torch.where(red, g - b, torch.where(green, b - r, r - g))/torch.where(c > 0, c, 1.)  # sixths of a turn, from the start of
+    hue = (hue + torch.where(red, 0., torch.where(green, 2., 4.))).div_(6).add_(1 + h.view(-1, 1, 1) % 1).frac_()  # the max's sector
+    k = (hue[:, None] + x.new_tensor([5/6, 3/6, 1/6]).view(1, 3, 1, 1)).frac_().mul_(6)  # channel n (5, 3, 1) at (n + 6 hue) mod 6:
+    return v[:, None] - c[:, None]*torch.minimum(k, 4 - k).clamp_(0, 1)  # HSV to RGB in closed form
 
 # %% ../nbs/08_views.ipynb #eb8c2d18
 def _gray(x:Tensor)->Tensor:
@@ -101,7 +102,7 @@ class RandomGrayscale(RandTransform):
 def _brightness(x, f): return (x*f).clamp(0, 1)
 def _contrast(x, f): return (f*x + (1-f)*_gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
 def _saturation(x, f): return (f*x + (1-f)*_gray(x)).clamp(0, 1)
-def _hue(x, h): return torch.bmm(hue_rotation_mat(h.flatten().float()).to(x.dtype), x.flatten(2)).view_as(x).clamp(0, 1)
+def _hue(x, h): return shift_hue(x, h.flatten())
 
 class ColorJitterBatch(RandTransform):
     "torchvision's `RandomApply([ColorJitter(...)], p)` drawn per image: the four changes as one group, in a random order"

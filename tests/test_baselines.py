@@ -281,7 +281,7 @@ def test_only_the_final_stage_is_rejected(dls):
 
 
 def test_one_deep_supervision_callback_per_learner(dls):
-    with pytest.raises(ValueError, match="one such callback per Learner"):
+    with pytest.raises(ValueError, match=r"two deep-supervision callbacks \(DSNCallback and CDSCallback\).*use one per Learner"):
         learner(dls, [DSNCallback(verbose=False), CDSCallback(verbose=False)])
 
 

@@ -213,7 +213,7 @@ def test_in_memory_loader_gives_fastai_batches_and_exports_a_file_loader(tmp_pat
 def test_tensor_images_bad_input():
     import torch
     from fastai_cds.tensor_data import TensorImages
-    with pytest.raises(ValueError, match=r"images must be \(n, c, h, w\) uint8 with one label each, got torch.float32"):
+    with pytest.raises(ValueError, match=r"images must be one uint8 tensor \(n, c, h, w\), got torch.float32 \(4, 3, 8, 8\)"):
         TensorImages(torch.rand(4, 3, 8, 8), torch.zeros(4), vocab=['a'])
-    with pytest.raises(ValueError, match="and 3 labels"):
+    with pytest.raises(ValueError, match="4 images but 3 labels: give one label id per image"):
         TensorImages(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(3), vocab=['a'])
