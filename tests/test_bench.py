@@ -118,6 +118,26 @@ def test_compare_report_of_hand_made_runs(tmp_path):
     assert f"| CDS-SupCon | 87.50 ± 6.36 | +2.50 [{2.5 - hw:+.2f}, {2.5 + hw:+.2f}] | 2/0/0 | 10.00 ± 0.00 | 2.0 |" in r.stdout, r.stdout
 
 
+
+@pytest.mark.slow  # a fresh process importing fastai (~6-13 s) for a table format
+def test_distill_report_of_hand_made_runs(tmp_path):
+    "bench/distill.py --report-only: the teacher and every method of Table 8's row (+ CDS) in order, on the seeds all finished"
+    base = dict(label_fraction=0.1, epochs=6, teacher_epochs=18, teacher_width=48, size=16, lr=3e-3, bs=32, secs=2., n_train=143,
+                n_valid=359)
+    methods = ['teacher', 'student', 'KD', 'FitNet', 'AT', 'RKD', 'SP', 'CRD', 'CRD+KD', 'KD (T=3, CE)', 'CDS', 'CDS+KD']
+    acc = {m: [0.80, 0.90] for m in methods} | {'CRD': [0.77, 0.89], 'teacher': [0.95, 0.97]}  # CRD: -3 and -1 points
+    rows = [dict(base, method=m, seed=s, acc=acc[m][s]) for s in (0, 1) for m in methods] + [dict(base, method='student', seed=2, acc=0.)]
+    (tmp_path/'d.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    r = script('distill.py', '--seeds', 3, '--fractions', 0.1, '--out', tmp_path/'d.jsonl', '--report-only')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("digits 16x16, 10% of the training labels (143 images), teacher 18 epochs, students 6 epochs, 2 paired seeds, "
+            "359 validation images\n\n| model |") in r.stdout, r.stdout
+    names = re.findall(r"^\| (teacher cnn\(48\), CDS|student small_cnn, [^|]+) \|", r.stdout, re.M)
+    assert names == ['teacher cnn(48), CDS'] + [f'student small_cnn, {m}' for m in methods[1:]], names
+    hw = 12.706 * math.sqrt(2) / math.sqrt(2)  # differences -3, -1: mean -2, sd sqrt(2), t(1) 12.706
+    assert f"| student small_cnn, CRD | 83.00 ± 8.49 | -2.00 [{-2 - hw:+.2f}, {-2 + hw:+.2f}] | 0/0/2 | 2.0 |" in r.stdout, r.stdout
+    assert "| teacher cnn(48), CDS | 96.00 ± 1.41 | — | — | 2.0 |" in r.stdout, r.stdout
+
 # ---------------------------------------------------------------- the interleaved timer
 def test_interleaved_rotates_the_order_and_times_each_step_as_often():
     now, events = [0.], []
