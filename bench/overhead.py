@@ -136,7 +136,11 @@ def bench_views(size:int, bs:int, n_batches:int, rounds:int)->dict:
     for view, pipe in (('view 1', tw.fs[0].view1), ('view 2', tw.fs[0].view2)):
         cur = b
         for f in pipe.fs:
-            per_tfm.append((view, type(f).__name__, interleaved_times({'f': lambda: f(cur, split_idx=0)}, rounds).median['f']))
+            fs = {type(f).__name__: f}
+            if isinstance(f, ColorJitterBatch):  # the hue's share: the same jitter without it, timed in the same rounds
+                fs['ColorJitterBatch without the hue shift (hue=0)'] = ColorJitterBatch(f.brightness, f.contrast, f.saturation, 0., f.p_img)
+            t = interleaved_times({k: (lambda g=g: g(cur, split_idx=0)) for k,g in fs.items()}, rounds).median
+            per_tfm += [(view, k, t[k]) for k in fs]
             cur = f(cur, split_idx=0)
     with profile(activities=[ProfilerActivity.CPU]) as prof: tw(raw[0])
     return res, per_tfm, prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=10)

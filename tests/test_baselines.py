@@ -228,6 +228,7 @@ CHILD = BLOCKED + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # CI's time: a fresh process importing fastai (~10 s); tests/test_export.py loads exports without fastai_cds in CI
 def test_export_is_plain_and_predicts_the_same(dls, tmp_path):
     kinds = ["dsn", "dks", "dhm"]
     valid = digits_splits(digits_items()[1], 0.2, 1., 0)[2][:12]

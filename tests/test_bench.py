@@ -102,6 +102,7 @@ def test_paired_differences_by_hand():
     assert markdown_table(['method', 'Δ'], [['m', cell], ['ref', '—']]) == f"| method | Δ |\n|---|---|\n| m | {cell} |\n| ref | — |"
 
 
+@pytest.mark.slow  # CI's time: 12 s (test_distill_report covers the shared report code)
 def test_compare_report_of_hand_made_runs(tmp_path):
     "bench/compare.py --report-only: the table of runs written by hand, its Δ cell computed by hand"
     base = dict(label_fraction=0.1, epochs=10, size=16, lr=3e-3, bs=32, views='reference', ece=0.1, secs=2., n_train=143, n_valid=359)
@@ -182,6 +183,7 @@ def test_gpu_bench_tiny_on_cpu():
     assert last < first
 
 
+@pytest.mark.slow  # CI's time: a fresh process importing fastai (~10 s)
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
 def test_gpu_bench_without_cuda_says_so_in_one_line():
     r = gpu_bench()

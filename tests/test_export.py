@@ -213,6 +213,7 @@ def test_export_before_training(tmp_path):
     assert [k for k in loaded.model.state_dict()] == [k for k in tiny_cnn().state_dict()]
 
 
+@pytest.mark.slow  # CI's time: a fresh process importing fastai (~10 s)
 def test_export_drops_fastai_cds_metrics(tmp_path):
     "A fastai_cds metric in metrics= stays on the learner but is not written into the export"
     from fastai.vision.all import Learner, ConvLayer, CrossEntropyLossFlat, accuracy

@@ -67,8 +67,8 @@ class Loader:
 # quick start exports where a smoke run does by default (a temporary folder). Nothing of ours may be left in TMPDIR.
 # Jobs run two at a time in the background from the first test of this file on (each is one thread, mostly importing
 # fastai), and `test_recipe` collects their results; `test_help` reads every recipe's --help in one more process.
-FAST = [p.stem for p in RECIPES if p.stem != 'finegrained']  # CI's time: finegrained's ResNet50 smoke (20 s) is slow
-SLOW = ['finegrained', 'finegrained --no-pretrained --method dhm'] + [  # Table 6 (fine-tuned) and Table 5 (from scratch)
+FAST = [p.stem for p in RECIPES if p.stem not in ('finegrained', 'imagenet')]  # CI's time: their ResNet smokes (15-20 s) are slow
+SLOW = ['finegrained', 'imagenet', 'finegrained --no-pretrained --method dhm'] + [  # Table 6 (fine-tuned) and Table 5 (from scratch)
     'cifar --fp16 --channels-last --method dsn --schedule one-cycle --no-in-memory --no-bar'] + [  # bf16 on the CPU, fastai's loading, no bars
     f'cifar --method {m}' for m in ('base', 'dks', 'dhm', 'cds-simclr')] + [
     'cifar --cutout 0 --seed 1', 'cifar --arch mobilenetv2 --fp16',
@@ -130,7 +130,7 @@ def offline(recipe, tmp_path, *args):
     return r.stderr
 
 
-@pytest.mark.parametrize('recipe,dataset,url', [('cifar.py', 'cifar10', 'CIFAR'),
+@pytest.mark.parametrize('recipe,dataset,url', [pytest.param('cifar.py', 'cifar10', 'CIFAR', marks=pytest.mark.slow),  # CI's time: 17 s
     pytest.param('distill.py', 'cifar10', 'CIFAR', marks=pytest.mark.slow),  # the same message (`dataset_path`): slow, for CI's time
     pytest.param('semisup.py', 'cifar100', 'CIFAR_100', marks=pytest.mark.slow)])
 def test_offline(recipe, dataset, url, tmp_path):

@@ -281,6 +281,7 @@ CHILD = BLOCKED + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # CI's time: a fresh process importing fastai (~10 s); tests/test_export.py loads exports without fastai_cds in CI
 def test_export_is_plain_and_loads_without_fastai_cds(tmp_path):
     set_seed(0)
     learn = learner(lab_dls(), unlab_dl())
