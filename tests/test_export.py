@@ -271,6 +271,7 @@ CHILD_IMPORT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # CI's time: a fresh process importing fastai (~12 s); test_child_process_has_no_fastai_cds loads every kind in CI
 def test_export_is_plain_whatever_fastai_cds_module_was_imported(tmp_path):
     run_children((CHILD_IMPORT, tmp_path))
     assert ours(tmp_path / "e.pkl") == []
