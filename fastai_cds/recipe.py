@@ -13,6 +13,8 @@ _WAIT_POLICY = os.environ.get('OMP_WAIT_POLICY') or (None if 'torch' in sys.modu
 if _WAIT_POLICY: os.environ['OMP_WAIT_POLICY'] = _WAIT_POLICY  # read once, when torch loads its OpenMP runtime: before `import torch`
 import pandas as pd
 import torch
+from fastcore.foundation import L
+from fastai.callback.schedule import ParamScheduler
 from scipy.io import loadmat
 from fastcore.basics import store_attr
 from fastcore.meta import delegates
@@ -38,7 +40,10 @@ from .precision import to_mixed_precision
 from .compile import CompileCallback
 from .digits import digits_items, digits_dls
 from .metrics import ece
-from .architectures import small_cnn, get_arch
+from .architectures import small_cnn, get_arch, cifar_model, CIFAR_ARCHS, reference_stem
+from .views import reference_views
+from .tensor_data import folder_tensor_dls
+from .schedule import step_schedule
 from .parallel import init_distributed, distributed, rank0_then_others, rank0_print
 from .callback import ScopedCallback
 from .resume import CheckpointCallback, checkpointing
@@ -46,9 +51,10 @@ from .core import FiniteLossCallback
 
 # %% auto #0
 __all__ = ['PAPER_TOP1', 'FOLDER_LAYOUTS', 'DATASETS', 'NOT_RUN', 'Switch', 'FIXABLE', 'paper_top1', 'url_of', 'dataset_path',
-           'folder_dls', 'labelled_data', 'arch_learner', 'reference_learner', 'speedups', 'split_table',
-           'smoke_folder', 'shared_temp_folder', 'result_row', 'print_table', 'export_and_check', 'EpochLog',
-           'run_settings', 'cpu_threads', 'launch_line', 'RecipeRun', 'user_error', 'recipe_options']
+           'folder_dls', 'labelled_data', 'arch_learner', 'reference_learner', 'speedups', 'teacher_with_heads',
+           'reference_setting', 'split_table', 'smoke_folder', 'shared_temp_folder', 'result_row', 'print_table',
+           'export_and_check', 'EpochLog', 'run_settings', 'cpu_threads', 'launch_line', 'RecipeRun', 'user_error',
+           'recipe_options']
 
 # %% ../nbs/23_recipe.ipynb #34601bc3
 _M = ('base', 'dsn', 'dks', 'dhm', 'cds')  # Tables 1-3, 5, 6
@@ -209,6 +215,39 @@ def speedups(learn:Learner, fp16:bool=False, channels_last:bool=False, compile:b
     if channels_last: learn.add_cb(ChannelsLast())
     if compile: learn.add_cb(CompileCallback())
     return learn
+
+# %% ../nbs/23_recipe.ipynb #776beeb5
+def teacher_with_heads(fname:str)->str:
+    "`fname`, a `learn.save` file of a model with CDS heads, as the stem `load_teacher` takes; or the error naming the fix"
+    if not Path(fname).is_file(): raise FileNotFoundError(f"--teacher-file {fname}: no such file")
+    with torch.serialization.safe_globals([L]): state = torch.load(fname, map_location='cpu', weights_only=True)
+    if not any(k.startswith('heads.') for k in state.get('model', state)):
+        raise ValueError(f"--teacher-file {fname} holds a model without CDS heads: distillation needs a CDS teacher, which keeps "
+                         "its heads: train it with --method cds (recipes/cifar.py ... --method cds --save-model FILE)")
+    return str(Path(fname).absolute()).removesuffix('.pth')
+
+def reference_setting(
+    setting:str, # 'cifar' (the reference's CIFAR training) or 'imagenet' (its ImageNet training)
+    dataset:str, # the dataset's name: cifar10 or cifar100; imagenet
+    run:RecipeRun, # the recipe's run (where the data is)
+    size:int, # image size
+    bs:int, # batch size
+)->tuple:
+    "The setting's (DataLoaders maker, view 2, (arch, classes) -> network, arch name check, fit(learn, epochs, lr))"
+    if setting == 'cifar':
+        if dataset not in ('cifar10', 'cifar100'): raise ValueError(f"--setting cifar --dataset {dataset}: pick cifar10 or cifar100")
+        views, model, milestones = reference_views('cifar', size), cifar_model, ((90, 180, 280), 300)
+        dls = lambda: folder_tensor_dls(run.data_path(dataset, 'test', smoke_size=size), 'test', bs, views.batch_tfms,
+                                        num_workers=run.workers)
+        check = lambda arch: arch in CIFAR_ARCHS or cifar_model(arch)  # an unknown name: the choices
+    else:
+        if dataset != 'imagenet': raise ValueError(f"--setting imagenet --dataset {dataset}: the ImageNet setting trains on imagenet")
+        views, milestones, check = reference_views('imagenet', size), ((30, 60), 90), get_arch
+        model = lambda arch, n_out: reference_stem(get_arch(arch)(num_classes=n_out))  # the reference's: no max-pool
+        dls = lambda: ImageDataLoaders.from_folder(run.data_path('imagenet', 'val'), valid='val', bs=bs, num_workers=run.workers,
+                                                   item_tfms=views.item_tfms, batch_tfms=views.batch_tfms)
+    fit = lambda learn, epochs, lr: learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr, *milestones)}))
+    return dls, views.view2_tfms, model, check, fit
 
 # %% ../nbs/23_recipe.ipynb #f2bd1f04
 def _find(path:Path, name:str)->Path|None:

@@ -39,40 +39,12 @@ from fastai_cds.recipe import *  # before torch: it lets idle CPU threads sleep 
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-import fastai_cds.architectures as architectures
-from fastai_cds.architectures import CIFAR_ARCHS
 from fastai_cds.embedding_distill import DISTILL_METHODS
 
 METHODS = ('student', *DISTILL_METHODS, 'cds', 'cds+kd')
 SETTINGS = {'small': dict(teacher='cnn:64', student='cnn', epochs=30, lr=3e-3, bs=32, size=16, wd=1e-2, loss='cifar'),
             'cifar': dict(teacher='resnet50', student='resnet18', epochs=300, lr=0.1, bs=128, size=32, wd=5e-4, loss='cifar'),
             'imagenet': dict(teacher='resnet50', student='resnet18', epochs=90, lr=0.1, bs=256, size=224, wd=1e-4, loss='imagenet')}
-
-def teacher_with_heads(fname:str)->str:
-    "`fname`, a `learn.save` file of a model with CDS heads, or the error naming the fix"
-    if not Path(fname).is_file(): raise FileNotFoundError(f"--teacher-file {fname}: no such file")
-    with torch.serialization.safe_globals([L]): state = torch.load(fname, map_location='cpu', weights_only=True)
-    if not any(k.startswith('heads.') for k in state.get('model', state)):
-        raise ValueError(f"--teacher-file {fname} holds a model without CDS heads: distillation needs a CDS teacher, which keeps "
-                         "its heads: train it with --method cds (recipes/cifar.py ... --method cds --save-model FILE)")
-    return str(Path(fname).absolute()).removesuffix('.pth')
-
-def reference_parts(setting:str, dataset:str, run:RecipeRun, size:int, bs:int)->tuple:
-    "The reference setting's (DataLoaders maker, view 2, (arch, classes) -> network, arch name check, fit(learn, epochs, lr))"
-    if setting == 'cifar':
-        if dataset not in ('cifar10', 'cifar100'): raise ValueError(f"--setting cifar --dataset {dataset}: pick cifar10 or cifar100")
-        views, model, milestones = reference_views('cifar', size), cifar_model, ((90, 180, 280), 300)
-        dls = lambda: folder_tensor_dls(run.data_path(dataset, 'test', smoke_size=size), 'test', bs, views.batch_tfms,
-                                        num_workers=run.workers)
-        check = lambda arch: arch in CIFAR_ARCHS or cifar_model(arch)  # an unknown name: the choices
-    else:
-        if dataset != 'imagenet': raise ValueError(f"--setting imagenet --dataset {dataset}: the ImageNet setting trains on imagenet")
-        views, milestones, check = reference_views('imagenet', size), ((30, 60), 90), get_arch
-        model = lambda arch, n_out: architectures.reference_stem(get_arch(arch)(num_classes=n_out))  # the reference's: no max-pool
-        dls = lambda: ImageDataLoaders.from_folder(run.data_path('imagenet', 'val'), valid='val', bs=bs, num_workers=run.workers,
-                                                   item_tfms=views.item_tfms, batch_tfms=views.batch_tfms)
-    fit = lambda learn, epochs, lr: learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr, *milestones)}))
-    return dls, views.view2_tfms, model, check, fit
 
 @call_parse
 @recipe_options(wd=None)
@@ -111,7 +83,7 @@ def main(
         f"recipes/{setting}.py --arch {teacher} --method cds --save-model FILE")
     new_cds = lambda **kw: CDSCallback(view2_tfms=v2, cross_rank=run.cross_rank, **kw)
     if reference:
-        make_dls, v2, model, check, fit = reference_parts(setting, dataset, run, size, bs)
+        make_dls, v2, model, check, fit = reference_setting(setting, dataset, run, size, bs)
         check(student), check(teacher)  # before the data
         dls, labels, metrics = make_dls(), 'all', [accuracy] + ([partial(top_k_accuracy, k=5)] if setting == 'imagenet' else [])
         new_learner = lambda arch, cbs: reference_learner(dls, model(arch, dls.c), wd, metrics, cbs)
