@@ -54,21 +54,20 @@ def main(
     if run.smoke and not reference: dataset = 'digits'
     u_bs = max(1, round(unlabelled_ratio*bs))
     if reference:
-        model = cifar_model(arch, 10 if run.smoke or dataset == 'cifar10' else 100)  # an unknown --arch: the choices, before any data
-        views = reference_views('cifar', size)
-        dls = folder_tensor_dls(run.data_path(dataset, 'test', smoke_size=size), 'test', bs, views.batch_tfms, num_workers=run.workers)
-        dls, udl = split_labelled(dls, label_fraction, run.seed, u_bs)
-        v2, new_learner = views.view2_tfms, lambda cbs: reference_learner(dls, model, wd, accuracy, cbs)
-        fit = lambda learn: learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr)}))
+        make_dls, v2, model, check, fit = reference_setting('cifar', dataset, run, size, bs)
+        check(arch)  # an unknown --arch: the choices, before any data
+        dls, udl = split_labelled(make_dls(), label_fraction, run.seed, u_bs)
+        new_learner = lambda cbs: reference_learner(dls, model(arch, dls.c), wd, accuracy, cbs)
     else:
         dls, udl = labelled_data(dataset, size, bs, label_fraction, run.seed, 0.05 if run.smoke else 0.2, u_bs, run.path,
                                  num_workers=run.workers)
         v2 = simclr_tfms(n_channels=1, flip=False) if dataset == 'digits' else None  # None: the default view 2
-        new_learner, fit = lambda cbs: arch_learner(arch, dls, cbs, run.pretrained, wd=wd), lambda learn: learn.fit_one_cycle(epochs, lr)
+        new_learner = lambda cbs: arch_learner(arch, dls, cbs, run.pretrained, wd=wd)
+        fit = lambda learn, epochs, lr: learn.fit_one_cycle(epochs, lr)
     cds = CDSCallback(weight=weight, view2_tfms=v2, cross_rank=run.cross_rank, unlabelled=udl if method == 'semi' else None)
     learn = run.learner(new_learner(([] if method == 'base' else [cds]) + [BestMetrics()]))
     with run.training(learn):
-        fit(learn)
+        fit(learn, epochs, lr)
         unlabelled = f"{len(udl.dataset) if udl else 0} unlabelled" + ('' if method == 'semi' else ' (not used)')
         run.report(learn, dict(dataset=dataset, labels=f"{label_fraction:.0%}: {len(dls.train_ds)} labelled, {unlabelled}, seed {run.seed}",
                                arch=arch, method=method, epochs=epochs))
