@@ -26,6 +26,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                 'fastai_cds/architectures.py'),
                                           'fastai_cds.architectures._torchvision': ( 'architectures.html#_torchvision',
                                                                                      'fastai_cds/architectures.py'),
+                                          'fastai_cds.architectures.cifar_arch': ( 'architectures.html#cifar_arch',
+                                                                                   'fastai_cds/architectures.py'),
                                           'fastai_cds.architectures.cifar_model': ( 'architectures.html#cifar_model',
                                                                                     'fastai_cds/architectures.py'),
                                           'fastai_cds.architectures.cifar_resnet': ( 'architectures.html#cifar_resnet',

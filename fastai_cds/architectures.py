@@ -15,7 +15,7 @@ from .heads import reference_init
 
 # %% auto #0
 __all__ = ['CIFAR_ARCHS', 'small_cnn', 'get_arch', 'cifar_stem', 'reference_stem', 'cifar_resnet', 'ShuffleUnit', 'shufflenet_v1',
-           'cifar_model']
+           'cifar_arch', 'cifar_model']
 
 # %% ../nbs/19_architectures.ipynb #9c502478
 def small_cnn(
@@ -174,16 +174,20 @@ _ARCHS = {  # name: (the network with n_out classes as its library builds it, wh
 }
 CIFAR_ARCHS = tuple(_ARCHS)  # the names `cifar_model` takes: the networks of the paper's Tables 1, 2 and 8
 
-def cifar_model(
-    name:str, # one of `CIFAR_ARCHS`, e.g. 'resnet18', 'ResNeXt50', 'mobilenet_v2' (case, '-' and '_' ignored)
-    n_out:int=10, # classes
-)->nn.Module:
-    "The paper's CIFAR network `name` with `n_out` classes: torchvision's, timm's or ours, with the stem of its CIFAR version"
+def cifar_arch(name:str)->str:
+    "The `CIFAR_ARCHS` name that `name` means (case, '-' and '_' ignored), or the error listing the choices"
     key = name.lower().replace('-', '').replace('_', '')
     if key not in _ARCHS:
         close = difflib.get_close_matches(key, CIFAR_ARCHS, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else '.'
         raise ValueError(f"{name!r} is not one of the paper's CIFAR architectures{hint} Choose from {', '.join(CIFAR_ARCHS)}")
-    build, to_cifar = _ARCHS[key]
+    return key
+
+def cifar_model(
+    name:str, # one of `CIFAR_ARCHS`, e.g. 'resnet18', 'ResNeXt50', 'mobilenet_v2' (case, '-' and '_' ignored)
+    n_out:int=10, # classes
+)->nn.Module:
+    "The paper's CIFAR network `name` with `n_out` classes: torchvision's, timm's or ours, with the stem of its CIFAR version"
+    build, to_cifar = _ARCHS[cifar_arch(name)]
     m = build(n_out)
     return to_cifar(m) if to_cifar else m

@@ -16,7 +16,7 @@ import torch
 from fastcore.foundation import L
 from fastai.callback.schedule import ParamScheduler
 from scipy.io import loadmat
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, noop
 from fastcore.meta import delegates
 from fastcore.script import CliError
 from fastai.callback.channelslast import ChannelsLast
@@ -40,7 +40,7 @@ from .precision import to_mixed_precision
 from .compile import CompileCallback
 from .digits import digits_items, digits_dls
 from .metrics import ece
-from .architectures import small_cnn, get_arch, cifar_model, CIFAR_ARCHS, reference_stem
+from .architectures import small_cnn, get_arch, cifar_model, cifar_arch, reference_stem
 from .views import reference_views
 from .tensor_data import folder_tensor_dls
 from .schedule import step_schedule
@@ -232,6 +232,7 @@ def reference_setting(
     run:RecipeRun, # the recipe's run (where the data is)
     size:int, # image size
     bs:int, # batch size
+    stem:bool=True, # imagenet: the reference's stem (no max-pool); False: torchvision's
 )->tuple:
     "The setting's (DataLoaders maker, view 2, (arch, classes) -> network, arch name check, fit(learn, epochs, lr))"
     if setting == 'cifar':
@@ -239,11 +240,11 @@ def reference_setting(
         views, model, milestones = reference_views('cifar', size), cifar_model, ((90, 180, 280), 300)
         dls = lambda: folder_tensor_dls(run.data_path(dataset, 'test', smoke_size=size), 'test', bs, views.batch_tfms,
                                         num_workers=run.workers)
-        check = lambda arch: arch in CIFAR_ARCHS or cifar_model(arch)  # an unknown name: the choices
+        check = cifar_arch  # an unknown name: the choices
     else:
         if dataset != 'imagenet': raise ValueError(f"--setting imagenet --dataset {dataset}: the ImageNet setting trains on imagenet")
         views, milestones, check = reference_views('imagenet', size), ((30, 60), 90), get_arch
-        model = lambda arch, n_out: reference_stem(get_arch(arch)(num_classes=n_out))  # the reference's: no max-pool
+        model = lambda arch, n_out: (reference_stem if stem else noop)(get_arch(arch)(num_classes=n_out))
         dls = lambda: ImageDataLoaders.from_folder(run.data_path('imagenet', 'val'), valid='val', bs=bs, num_workers=run.workers,
                                                    item_tfms=views.item_tfms, batch_tfms=views.batch_tfms)
     fit = lambda learn, epochs, lr: learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr, *milestones)}))

@@ -24,7 +24,6 @@ from fastai_cds.recipe import *  # before torch: it lets idle CPU threads sleep 
 from fastcore.script import call_parse
 from fastai.vision.all import *
 from fastai_cds.all import *
-import fastai_cds.architectures as architectures
 
 @call_parse
 @recipe_options(but='pretrained', wd=1e-4)
@@ -41,15 +40,12 @@ def main(
     "Train a ResNet on ImageNet with CDS or a baseline, print the last and best top-1/top-5 as a table, export the model"
     run = RecipeRun('imagenet', **kwargs)
     if run.smoke: size, epochs, bs = 32, 1, 8
-    views = reference_views('imagenet', size)
-    dls = ImageDataLoaders.from_folder(run.data_path('imagenet', 'val'), valid='val', bs=bs, num_workers=run.workers,
-                                       item_tfms=views.item_tfms, batch_tfms=views.batch_tfms)
-    model = get_arch(arch)(num_classes=dls.c)
-    if reference_stem: model = architectures.reference_stem(model)
-    cbs = method_callbacks(method, view2_tfms=views.view2_tfms, cross_rank=run.cross_rank) + [BestMetrics()]
-    learn = run.learner(reference_learner(dls, model, run.wd, [accuracy, partial(top_k_accuracy, k=5)], cbs))
+    make_dls, v2, model, check, fit = reference_setting('imagenet', 'imagenet', run, size, bs, stem=reference_stem)
+    check(arch)  # an unknown --arch: the choices, before any data
+    dls, cbs = make_dls(), method_callbacks(method, view2_tfms=v2, cross_rank=run.cross_rank) + [BestMetrics()]
+    learn = run.learner(reference_learner(dls, model(arch, dls.c), run.wd, [accuracy, partial(top_k_accuracy, k=5)], cbs))
     with run.training(learn):
-        learn.fit(epochs, lr, cbs=ParamScheduler({'lr': step_schedule(lr, (30, 60), 90)}))
+        fit(learn, epochs, lr)
         run.report(learn, dict(dataset='imagenet', arch=arch + (' (reference stem)' if reference_stem else ''), method=method,
                                epochs=epochs), paper_top1('imagenet', arch, method=method) if reference_stem else None, top5=True)
     if save_model:  # the model with its heads (CDS), in the file's own folder
