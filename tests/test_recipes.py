@@ -224,3 +224,40 @@ def test_help(jobs):
         assert all(t == expected[k] or t.startswith(expected[k] + ' (default: ') for k, t in said.items() if t), (recipe, said)
         assert None not in said.values(), (recipe, [k for k, t in said.items() if t is None])
         assert not set(shared) & SHARED_BUT.get(recipe, set()) & set(options), recipe
+
+
+def readme_block(after:str)->str:
+    "The first code block of README.md after the line that starts with `after`"
+    text = (ROOT/'README.md').read_text()
+    return text.split('\n' + after, 1)[1].split('```\n', 1)[1].split('\n```', 1)[0]
+
+
+@pytest.mark.slow
+def test_quickstart_as_the_readme_writes_it(tmp_path):
+    """`python recipes/quickstart.py`, the README's quick start as written (from the clone's root, the user's environment),
+    prints what the README shows: the same first line (the thread count is the machine's), the same table but for the train
+    times (the figures are this machine's; another CPU may round differently, so top-1 within one image of 359 and ECE,
+    loss within 0.5 / 0.02) and the export line with the clone's folder for `/path/to/fastai_cds`; the export loads
+    without fastai_cds. A quickstart.pkl already in the clone is put back."""
+    shown, kept, out = readme_block('What the quick start prints'), tmp_path/'kept.pkl', ROOT/'quickstart.pkl'
+    if out.exists(): out.rename(kept)
+    load = Loader()
+    try:
+        r = subprocess.run([sys.executable, 'recipes/quickstart.py'], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        threads = re.compile(r'\d+ CPU threads')
+        assert threads.sub('N', r.stdout.splitlines()[0]) == threads.sub('N', shown.splitlines()[0]), r.stdout[:300]
+        got, want = table(r.stdout), table(shown)
+        assert [{k: row[k] for k in ('dataset', 'labels', 'method', 'epochs')} for row in got] == [
+            {k: row[k] for k in ('dataset', 'labels', 'method', 'epochs')} for row in want], got
+        for g, w in zip(got, want):
+            for k, tol in (('top-1 (%)', 100/359 + 1e-6), ('ECE (%)', 0.5), ('valid loss', 0.02)):
+                assert abs(float(g[k]) - float(w[k])) <= tol, (k, g, w)
+        said = shown.splitlines()[-1].replace('/path/to/fastai_cds', str(ROOT))
+        assert r.stdout.splitlines()[-1] == said, (r.stdout.splitlines()[-1], said)
+        ok, what = load(out)
+        assert ok, what
+    finally:
+        load.close()
+        out.unlink(missing_ok=True)
+        if kept.exists(): kept.rename(out)
